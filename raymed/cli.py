@@ -1,0 +1,49 @@
+"""`raymed …`: one entry point; each area registers its own subcommands.
+
+Errors a user can act on (`RaymedError`) print as one line and exit 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from raymed import __version__
+from raymed.errors import RaymedError
+
+# Modules with `register(subparsers)`; the order is the order of `raymed --help`.
+COMMAND_MODULES = [
+    "raymed.data.commands",
+    "raymed.engine.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raymed",
+        description="Train, tune and serve medical-imaging anomaly detectors and generators on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"raymed {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except RaymedError as err:
+        print(f"raymed: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raymed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

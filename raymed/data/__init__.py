@@ -1,0 +1,1 @@
+"""Volumes, datasets, preprocessing and the built-in demo cohort."""

@@ -1,0 +1,160 @@
+"""From a case on disk to a canonical volume: checked, RAS-oriented, resized, normalised.
+
+The steps are MONAI transforms on MetaTensors, so the affine follows every step and anomaly
+maps can be written back in the input's geometry (`to_source_grid`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientation, ResampleToMatch, Resize, ScaleIntensityRange
+from pydantic import BaseModel, ConfigDict
+from scipy import ndimage
+
+from raymed.data.discovery import Case
+from raymed.data.io import Volume, read_volume
+from raymed.errors import DataError
+
+
+class Preprocessing(BaseModel):
+    """How volumes are brought to a common grid and intensity range."""
+
+    model_config = ConfigDict(extra="forbid")
+    modalities: list[str] | None = None  # None: every modality of the first case
+    size: int = 128  # in-plane size of axial slices (voxels)
+    slices: int | None = None  # number of axial slices after resizing; None keeps the count
+    lower_percentile: float = 1.0
+    upper_percentile: float = 99.0
+
+
+@dataclass
+class Prepared:
+    """A case ready for slicing: image (C, X, Y, Z) in [0, 1], label and mask (X, Y, Z)."""
+
+    subject: str
+    image: np.ndarray
+    label: np.ndarray | None
+    mask: np.ndarray
+    affine: np.ndarray
+    source: Volume  # the first modality as read, for mapping outputs back onto its grid
+    split: str | None = None
+
+
+def check_geometry(reference: Volume, other: Volume, ref_name: str, other_name: str) -> None:
+    """Refuse image/label/mask pairs that do not share a voxel grid."""
+    if reference.array.shape[:3] != other.array.shape[:3]:
+        raise DataError(
+            f"{other_name}: shape {other.array.shape[:3]} does not match {ref_name} {reference.array.shape[:3]}"
+        )
+    if not np.allclose(reference.affine, other.affine, atol=1e-3):
+        raise DataError(f"{other_name}: affine does not match {ref_name}")
+
+
+def _as_3d(volume: Volume, name: str) -> np.ndarray:
+    array = volume.array
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise DataError(f"{name}: expected a 3D volume, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.number):
+        raise DataError(f"{name}: voxel type {array.dtype} is not numeric")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise DataError(f"{name}: contains NaN or infinite values")
+    return array
+
+
+def read_case(case: Case, modalities: list[str]) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray | None, Volume]:
+    """Read and cross-check every file of a case; errors name the file and the problem."""
+    missing = [m for m in modalities if m not in case.images]
+    if missing:
+        have = ", ".join(sorted(case.images)) or "none"
+        raise DataError(f"subject {case.subject}: no {', '.join(missing)} image (has {have})")
+    first_uri = case.images[modalities[0]]
+    first = read_volume(first_uri)
+    channels = [_as_3d(first, first_uri)]
+    for modality in modalities[1:]:
+        uri = case.images[modality]
+        volume = read_volume(uri)
+        check_geometry(first, volume, first_uri, uri)
+        channels.append(_as_3d(volume, uri))
+    extra = []
+    for uri in (case.label, case.mask):
+        if uri is None:
+            extra.append(None)
+            continue
+        volume = read_volume(uri)
+        check_geometry(first, volume, first_uri, uri)
+        extra.append(_as_3d(volume, uri) > 0.5)
+    return channels, extra[0], extra[1], first
+
+
+def foreground_mask(image: np.ndarray) -> np.ndarray:
+    """Body/brain mask when none is given: voxels above 5% of the robust maximum, holes filled."""
+    signal = image.max(axis=0)
+    nonzero = signal[signal > 0]
+    if nonzero.size == 0:
+        return np.zeros(signal.shape, bool)
+    mask = signal > 0.05 * np.percentile(nonzero, 99)
+    return ndimage.binary_fill_holes(mask)
+
+
+def normalise(image: np.ndarray, mask: np.ndarray, lower: float, upper: float, name: str) -> np.ndarray:
+    """Per-channel percentile scaling to [0, 1] computed inside the mask; zero outside."""
+    if not mask.any():
+        raise DataError(f"{name}: brain/body mask is empty")
+    out = np.empty_like(image)
+    for c in range(image.shape[0]):
+        lo, hi = np.percentile(image[c][mask], [lower, upper])
+        scale = ScaleIntensityRange(a_min=float(lo), a_max=float(max(hi, lo + 1e-6)), b_min=0.0, b_max=1.0, clip=True)
+        out[c] = np.asarray(scale(image[c])) * mask
+    return out
+
+
+def prepare(case: Case, settings: Preprocessing) -> Prepared:
+    """Read, orient to RAS, resize in-plane to `settings.size`, mask and normalise one case."""
+    modalities = settings.modalities or sorted(case.images)
+    channels, label, mask, first = read_case(case, modalities)
+    affine = torch.as_tensor(first.affine, dtype=torch.float64)
+    image = MetaTensor(torch.from_numpy(np.stack(channels)), affine=affine)
+    orient = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    image = orient(image)
+    spatial = list(image.shape[1:])
+    target = (settings.size, settings.size, settings.slices or spatial[2])
+    image = Resize(target, mode="trilinear")(image) if tuple(spatial) != target else image
+
+    def follow(binary: np.ndarray | None) -> np.ndarray | None:
+        if binary is None:
+            return None
+        meta = orient(MetaTensor(torch.from_numpy(binary[None].astype(np.float32)), affine=affine))
+        if tuple(meta.shape[1:]) != target:
+            meta = Resize(target, mode="nearest")(meta)
+        return np.asarray(meta[0]) > 0.5
+
+    array = np.asarray(image, dtype=np.float32)
+    label_out = follow(label)
+    mask_out = follow(mask) if mask is not None else foreground_mask(array)
+    name = case.images[modalities[0]]
+    array = normalise(array, mask_out, settings.lower_percentile, settings.upper_percentile, name)
+    return Prepared(
+        subject=case.subject,
+        image=array,
+        label=label_out.astype(np.uint8) if label_out is not None else None,
+        mask=mask_out,
+        affine=np.asarray(image.affine, dtype=np.float64),
+        source=first,
+        split=case.split,
+    )
+
+
+def to_source_grid(volume: np.ndarray, prepared: Prepared, mode: str = "bilinear") -> np.ndarray:
+    """Resample a (X, Y, Z) map on the prepared grid back onto the input file's voxel grid."""
+    moving = MetaTensor(torch.from_numpy(np.asarray(volume, np.float32)[None]), affine=torch.as_tensor(prepared.affine))
+    shape = prepared.source.array.shape[:3]
+    reference = MetaTensor(torch.zeros((1, *shape)), affine=torch.as_tensor(prepared.source.affine))
+    out = ResampleToMatch(mode=mode, padding_mode="zeros")(moving, reference)
+    return np.asarray(out[0], dtype=np.float32)

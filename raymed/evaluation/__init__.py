@@ -1,0 +1,1 @@
+"""Metrics, post-processing and reports."""

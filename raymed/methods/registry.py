@@ -1,0 +1,85 @@
+"""Method names → classes, and building a validated config from files and --set overrides."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from raymed.errors import ConfigError
+from raymed.methods.base import Method, MethodConfig
+
+# name → module that defines it; imported lazily so `raymed --help` stays fast.
+METHODS = {
+    "ae": "raymed.methods.ae:AutoEncoderMethod",
+    "vae": "raymed.methods.vae:VariationalAutoEncoderMethod",
+    "fanogan": "raymed.methods.fanogan:FAnoGAN",
+}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: 1e-4, true, [32, 64], null."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_yaml(path: str) -> dict:
+    from raymed.data.io import read_bytes
+
+    try:
+        loaded = yaml.safe_load(read_bytes(path)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    return loaded
+
+
+def build_config(name: str, base: dict | None = None, overrides: dict[str, Any] | None = None) -> MethodConfig:
+    """Validate a config for method `name`; errors name the offending key."""
+    cls = method_class(name)
+    tree = dict(base or {})
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key, value)
+    try:
+        return cls.Config.model_validate(tree)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "config"
+            what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"{where}: {what}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+        raise ConfigError(f"invalid {name} config: " + "; ".join(problems)) from None
+
+
+def config_keys(config_cls: type[MethodConfig], prefix: str = "") -> set[str]:
+    """Every dotted key a Config accepts (used to check tune spaces)."""
+    keys = set()
+    for fname, finfo in config_cls.model_fields.items():
+        ann = finfo.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= config_keys(ann, f"{prefix}{fname}.")
+        else:
+            keys.add(prefix + fname)
+    return keys

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny synthetic NIfTI cases, a local S3 (moto server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from raymed.data.io import write_volume
+
+AFFINE = np.array([[2.0, 0, 0, -30], [0, 2.0, 0, -40], [0, 0, 3.0, -20], [0, 0, 0, 1]])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def brain_case(rng: np.random.Generator, shape=(32, 32, 12), lesion: bool = False):
+    """A bright ellipsoid 'brain' with texture; optionally a hyper-intense blob and its mask."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    brain = (grid**2).sum(0) < 0.8
+    image = brain * (0.5 + 0.1 * rng.standard_normal(shape))
+    label = np.zeros(shape, np.uint8)
+    if lesion:
+        centre = rng.uniform(-0.3, 0.3, 3)
+        blob = ((grid - centre[:, None, None, None]) ** 2).sum(0) < 0.06
+        label[blob & brain] = 1
+        image[label > 0] += 0.6
+    return image.astype(np.float32), label, brain.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def brats_folder(tmp_path_factory):
+    """Six BraTS-layout subjects (t1 + flair + seg + mask); the last two carry lesions."""
+    root = tmp_path_factory.mktemp("brats")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        subject = f"case{i:02d}"
+        image, label, mask = brain_case(rng, lesion=i >= 4)
+        for modality, scale in (("t1", 1.0), ("flair", 1.3)):
+            write_volume(str(root / subject / f"{subject}_{modality}.nii.gz"), image * scale, AFFINE)
+        write_volume(str(root / subject / f"{subject}_seg.nii.gz"), label, AFFINE)
+        write_volume(str(root / subject / f"{subject}_mask.nii.gz"), mask, AFFINE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 in its own process; env vars point s3fs/boto3 at it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket; returns its s3:// URI."""
+    import boto3
+    import s3fs
+
+    name = f"raymed-{time.time_ns()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{name}"
+
+
+def upload_folder(local, s3_uri: str) -> None:
+    """Copy a local folder tree into S3 (through s3fs, the same client the product uses)."""
+    from raymed.data.io import filesystem
+
+    fs, path = filesystem(s3_uri)
+    fs.put(str(local).rstrip("/") + "/", path, recursive=True)
+    fs.invalidate_cache()
