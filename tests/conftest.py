@@ -98,3 +98,41 @@ def upload_folder(local, s3_uri: str) -> None:
     fs, path = filesystem(s3_uri)
     fs.put(str(local).rstrip("/") + "/", path, recursive=True)
     fs.invalidate_cache()
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(tmp_path_factory):
+    """The built-in demo cohort at test size: 6 subjects of 32³ (3 train, 1 val, 2 test)."""
+    from raymed.data.demo import build_demo_cohort
+
+    root = tmp_path_factory.mktemp("demo") / "cohort"
+    build_demo_cohort(str(root), subjects=6, size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray instance for the whole test session (2 CPUs, like CI's machine).
+
+    Started after the S3 settings are in the environment, as on a cluster whose nodes carry
+    them; its address is exported as RAY_ADDRESS so `raymed` subprocesses join it.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield ray
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.shutdown()
+
+
+TINY = {"data.size": 32, "train.batch_size": 8}
+TINY_NETS = {"ae": {"channels": [8, 16], "latent_size": 16}, "vae": {"channels": [8, 16], "latent_size": 16},
+             "fanogan": {"channels": [8, 16, 32], "latent_size": 16}}
+
+
+def tiny_config(method: str, **overrides):
+    """A method's config at test size (small nets, 32² slices); overrides are dotted keys."""
+    from raymed.methods.registry import build_config
+
+    return build_config(method, overrides={**TINY, **TINY_NETS[method], **overrides})

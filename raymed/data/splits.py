@@ -10,24 +10,27 @@ from raymed.errors import DataError
 SPLITS = ("train", "val", "test")
 
 
-def assign_splits(cases: list[Case], seed: int = 0, val: float = 0.15, test: float = 0.25) -> list[Case]:
-    """Give every case without a fixed split one, by a seeded shuffle of the subject ids.
+def deal(subjects: list[str], seed: int | np.random.SeedSequence = 0, val: float = 0.15, test: float = 0.25) -> dict[str, str]:
+    """Subject → split by a seeded shuffle; val and test get at least one subject each when
+    there are three or more subjects, so a threshold can be chosen on val and reported on test."""
+    n = len(subjects)
+    n_test, n_val = int(round(test * n)), int(round(val * n))
+    if n >= 3:
+        n_test, n_val = max(n_test, 1) if test > 0 else 0, max(n_val, 1) if val > 0 else 0
+    names = ["test"] * n_test + ["val"] * n_val
+    names += ["train"] * (n - len(names))
+    order = np.random.default_rng(seed).permutation(n)
+    dealt = {subjects[i]: names[rank] for rank, i in enumerate(order)}
+    return {subject: dealt[subject] for subject in subjects}
 
-    Subjects keep the split a manifest or `splits.json` gave them; the rest are dealt so that
-    val and test each get at least one subject when there are three or more.
-    """
+
+def assign_splits(cases: list[Case], seed: int = 0, val: float = 0.15, test: float = 0.25) -> list[Case]:
+    """Give every case without a fixed split one (see `deal`); subjects keep the split a
+    manifest or `splits.json` gave them."""
     for case in cases:
         if case.split is not None and case.split not in SPLITS:
             raise DataError(f"subject {case.subject}: unknown split {case.split!r} (use {', '.join(SPLITS)})")
-    free = sorted(c.subject for c in cases if c.split is None)
-    order = np.random.default_rng(seed).permutation(len(free))
-    n_test = int(round(test * len(free)))
-    n_val = int(round(val * len(free)))
-    if len(free) >= 3:
-        n_test, n_val = max(n_test, 1) if test > 0 else 0, max(n_val, 1) if val > 0 else 0
-    names = {}
-    for rank, index in enumerate(order):
-        names[free[index]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    names = deal(sorted(c.subject for c in cases if c.split is None), seed, val, test)
     for case in cases:
         if case.split is None:
             case.split = names[case.subject]

@@ -1,0 +1,145 @@
+"""The Ray Train engine for real: DDP over gloo with 2 workers, crash recovery, resume, S3."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from raymed.data.discovery import discover
+from raymed.data.io import read_volume, write_volume
+from raymed.engine import checkpoint as ckpt
+from raymed.engine.inference import map_case
+from raymed.engine.trainer import TrainRequest, train
+from raymed.errors import ConfigError, DataError
+from raymed.methods.registry import method_class
+from tests.conftest import AFFINE, TINY, TINY_NETS, tiny_config, upload_folder
+
+
+def metrics_log(run) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("ae", {"epochs": 6, "lr": 1e-3}),
+    ("vae", {"epochs": 6, "lr": 1e-3}),
+    ("fanogan", {"gan_epochs": 2, "encoder_epochs": 6, "n_critic": 2, "lr": 1e-3, "train.batch_size": 4}),
+])
+def test_two_workers_train_and_loss_falls(ray_session, demo_cohort, tmp_path, method, overrides):
+    request = TrainRequest(method=method, source=str(demo_cohort), config=tiny_config(method, **overrides),
+                           name="run", storage=str(tmp_path), workers=2)
+    result = train(request)
+    assert result.error is None
+    log = metrics_log(tmp_path / "run")
+    phases = [p.name for p in method_class(method)(request.config, 1).phases()]
+    assert [r["phase"] for r in log] == [p for p in phases for _ in range(request.config.model_dump().get(
+        {"gan": "gan_epochs", "encoder": "encoder_epochs"}.get(p, "epochs")))]
+    last_phase = [r for r in log if r["phase"] == phases[-1]]
+    key = next(k for k in last_phase[0] if k.startswith("train/"))
+    assert last_phase[-1][key] < last_phase[0][key], f"{key} did not fall: {last_phase[0][key]} -> {last_phase[-1][key]}"
+    assert 0 <= last_phase[-1]["val/auroc"] <= 1
+    summary = json.load(open(tmp_path / "run" / "result.json"))
+    model, state = ckpt.load_method(str(tmp_path / "run"))
+    assert state["uri"] == summary["best_checkpoint"] and model.name == method
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"method: {method}" in saved
+
+
+def _worker_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")]
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_session, demo_cohort, tmp_path):
+    request = TrainRequest(method="ae", source=str(demo_cohort), config=tiny_config("ae", epochs=30),
+                           name="crash", storage=str(tmp_path), workers=2, max_failures=1)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=train(request)))
+    thread.start()
+    run = tmp_path / "crash"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run.glob("checkpoint_*")):
+        time.sleep(0.05)
+    victims = _worker_pids()
+    assert victims, "no training worker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    killed_at = len(metrics_log(run)) if (run / "metrics.jsonl").exists() else 0
+    thread.join(timeout=300)
+    result = outcome["result"]
+    assert result.error is None
+    log = metrics_log(run)
+    epochs = [r["epoch"] for r in log]
+    assert epochs[-1] == 30 and result.metrics["step"] == log[-1]["step"]
+    assert killed_at < 30, "the worker was killed after training had already finished"
+    # after the restart, training went on from a checkpoint: no report goes back to epoch 1
+    assert epochs.count(1) == 1
+
+
+def test_interrupted_run_resumes_from_its_step(ray_session, demo_cohort, tmp_path):
+    args = [sys.executable, "-m", "raymed.cli", "train", "ae", "--data", str(demo_cohort), "--storage", str(tmp_path),
+            "--name", "interrupted", "--workers", "1", "--set", "epochs=40"]
+    args += [f"--set={k}={v}" for k, v in {**TINY, **TINY_NETS["ae"]}.items()]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = tmp_path / "interrupted"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(metrics_log(run) if (run / "metrics.jsonl").exists() else []) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = metrics_log(run)
+    assert before and before[-1]["epoch"] < 40
+    with pytest.raises(ConfigError, match="already exists"):
+        train(TrainRequest(method="ae", source=str(demo_cohort), config=tiny_config("ae", epochs=40),
+                           name="interrupted", storage=str(tmp_path)))
+    out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    after = metrics_log(run)[len(before):]
+    assert after[-1]["epoch"] == 40
+    assert after[0]["epoch"] > 1 and after[0]["step"] > before[0]["step"], "resume started again from zero"
+    assert "best checkpoint:" in out.stdout
+
+
+def test_checkpoint_on_s3_gives_the_same_anomaly_map(ray_session, demo_cohort, s3_bucket, tmp_path):
+    storage = f"{s3_bucket}/runs"
+    result = train(TrainRequest(method="ae", source=str(demo_cohort), config=tiny_config("ae", epochs=2),
+                                name="s3run", storage=storage, workers=2))
+    assert result.error is None
+    summary = json.loads(ckpt.read_bytes(f"{storage}/s3run/result.json"))
+    assert summary["best_checkpoint"].startswith(f"{storage}/s3run/checkpoint_")
+    from_s3, _ = ckpt.load_method(f"{storage}/s3run")
+    # a model saved locally, uploaded and loaded back from S3 maps exactly as before saving
+    case = [c for c in discover(str(demo_cohort)) if c.split == "test"][0]
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    ckpt.save(folder, from_s3, {}, None, {"phase": 1, "epoch": 0, "step": 0}, {})
+    upload_folder(folder, f"{s3_bucket}/copy")
+    reloaded, _ = ckpt.load_method(f"{s3_bucket}/copy")
+    np.testing.assert_array_equal(map_case(from_s3, case).map, map_case(reloaded, case).map)
+
+
+def test_anomaly_map_volume_keeps_input_geometry(ray_session, demo_cohort, tmp_path):
+    method = method_class("ae")(tiny_config("ae"), in_channels=3)
+    case = [c for c in discover(str(demo_cohort)) if c.split == "test"][0]
+    result = map_case(method, case)
+    source = read_volume(case.images["flair"])
+    full = result.on_source_grid()
+    assert full.shape == source.array.shape and result.slice_scores.shape == (result.map.shape[-1],)
+    write_volume(str(tmp_path / "map.nii.gz"), full, source.affine)
+    np.testing.assert_allclose(read_volume(str(tmp_path / "map.nii.gz")).affine, source.affine)
+
+
+def test_no_healthy_training_slices_fails_before_workers(tmp_path):
+    for i in range(3):
+        image = np.ones((16, 16, 4), np.float32)
+        write_volume(str(tmp_path / f"s{i}" / f"s{i}_flair.nii.gz"), image, AFFINE)
+        write_volume(str(tmp_path / f"s{i}" / f"s{i}_seg.nii.gz"), np.ones((16, 16, 4), np.uint8), AFFINE)
+    with pytest.raises(DataError, match="no healthy training slices"):
+        train(TrainRequest(method="ae", source=str(tmp_path), config=tiny_config("ae"), name="x",
+                           storage=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()
