@@ -136,3 +136,24 @@ def tiny_config(method: str, **overrides):
     from raymed.methods.registry import build_config
 
     return build_config(method, overrides={**TINY, **TINY_NETS[method], **overrides})
+
+
+_RUNS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_session, demo_cohort, tmp_path_factory):
+    """Factory: `trained_run("ae")` → run folder of a tiny model trained once per session."""
+    from raymed.engine.trainer import TrainRequest, train
+
+    def make(method: str, **overrides) -> str:
+        key = (method, tuple(sorted(overrides.items())))
+        if key not in _RUNS:
+            storage = tmp_path_factory.mktemp("runs")
+            epochs = {"fanogan": {"gan_epochs": 1, "encoder_epochs": 2}}.get(method, {"epochs": 3})
+            train(TrainRequest(method=method, source=str(demo_cohort), config=tiny_config(method, **{**epochs, **overrides}),
+                               name=method, storage=str(storage)))
+            _RUNS[key] = str(storage / method)
+        return _RUNS[key]
+
+    return make

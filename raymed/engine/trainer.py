@@ -71,8 +71,8 @@ def run_exists(run_uri: str) -> bool:
     return exists(join(run_uri, "config.yaml"))
 
 
-def train(request: TrainRequest):
-    """Run training; returns the Ray `Result` after writing `RUN/result.json`."""
+def build_trainer(request: TrainRequest) -> TorchTrainer:
+    """Check the request and build its `TorchTrainer` (also used per trial by Ray Tune)."""
     in_channels = preflight(request)
     if run_exists(request.run_uri) and not request.resume:
         raise ConfigError(f"run {request.run_uri} already exists: pass --resume to continue it or choose another --name")
@@ -88,7 +88,7 @@ def train(request: TrainRequest):
     storage_path, storage_fs = ray_storage(request.storage)
     use_gpu = request.gpus_per_worker > 0
     resources = {"CPU": request.cpus_per_worker, **({"GPU": request.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"method": request.method, "config": request.config.model_dump(mode="json"),
                            "source": request.source, "pattern": request.pattern, "in_channels": in_channels,
@@ -103,6 +103,11 @@ def train(request: TrainRequest):
             callbacks=[ProgressCallback(request.run_uri), *request.callbacks],
         ),
     )
+
+
+def train(request: TrainRequest):
+    """Run training; returns the Ray `Result` after writing `RUN/result.json`."""
+    trainer = build_trainer(request)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     result = trainer.fit()
