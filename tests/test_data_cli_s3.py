@@ -70,3 +70,16 @@ def test_write_volume_to_s3(s3_bucket):
     back = read_volume(uri)
     np.testing.assert_array_equal(back.array, data)
     np.testing.assert_allclose(back.affine, AFFINE)
+
+
+def test_inspect_demo_cohort_locally_and_in_s3(demo_cohort, s3_bucket, capsys):
+    assert main(["data", "inspect", str(demo_cohort), "--json"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    uri = f"{s3_bucket}/demo"
+    upload_folder(demo_cohort, uri)
+    assert main(["data", "inspect", uri, "--json"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert len(local["cases"]) == 6 and not local["bad"]
+    assert local["splits"] == remote["splits"] == {"train": 3, "val": 1, "test": 2}
+    assert remote["cases"] == local["cases"]
+    assert all((c["lesion_voxels"] > 0) == (c["split"] != "train") for c in local["cases"])

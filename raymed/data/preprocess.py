@@ -119,8 +119,20 @@ def prepare(case: Case, settings: Preprocessing) -> Prepared:
     """Read, orient to RAS, resize in-plane to `settings.size`, mask and normalise one case."""
     modalities = settings.modalities or sorted(case.images)
     channels, label, mask, first = read_case(case, modalities)
-    affine = torch.as_tensor(first.affine, dtype=torch.float64)
-    image = MetaTensor(torch.from_numpy(np.stack(channels)), affine=affine)
+    return prepare_image(np.stack(channels), first, settings, case.images[modalities[0]], label, mask,
+                         subject=case.subject, split=case.split)
+
+
+def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, name: str,
+                  label: np.ndarray | None = None, mask: np.ndarray | None = None,
+                  subject: str = "", split: str | None = None) -> Prepared:
+    """The steps of `prepare` on arrays already in memory (as the HTTP endpoint receives them).
+
+    `image` is (C, X, Y, Z) float32 on the voxel grid of `source`; `label`/`mask` are (X, Y, Z)
+    booleans on the same grid; without a mask the foreground is found from the image.
+    """
+    affine = torch.as_tensor(source.affine, dtype=torch.float64)
+    image = MetaTensor(torch.from_numpy(image), affine=affine)
     orient = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
     image = orient(image)
     spatial = list(image.shape[1:])
@@ -138,16 +150,15 @@ def prepare(case: Case, settings: Preprocessing) -> Prepared:
     array = np.asarray(image, dtype=np.float32)
     label_out = follow(label)
     mask_out = follow(mask) if mask is not None else foreground_mask(array)
-    name = case.images[modalities[0]]
     array = normalise(array, mask_out, settings.lower_percentile, settings.upper_percentile, name)
     return Prepared(
-        subject=case.subject,
+        subject=subject,
         image=array,
         label=label_out.astype(np.uint8) if label_out is not None else None,
         mask=mask_out,
         affine=np.asarray(image.affine, dtype=np.float64),
-        source=first,
-        split=case.split,
+        source=source,
+        split=split,
     )
 
 

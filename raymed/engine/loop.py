@@ -8,6 +8,7 @@ validates on the validation split and writes the checkpoint; every worker report
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 import tempfile
@@ -30,6 +31,7 @@ from raymed.methods.registry import build_config, method_class
 
 def train_loop(job: dict) -> None:
     """Ray Train entry point. `job`: method, config (dict), source, pattern, cpus_per_worker."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # the driver prints one line per epoch instead
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(job.get("cpus_per_worker", 1))))
@@ -69,7 +71,7 @@ def train_loop(job: dict) -> None:
             position.update(phase=index, epoch=epoch + 1)
             done = sum(p.epochs for p in phases[:index]) + epoch + 1
             metrics = {"phase": phase.name, "epoch": epoch + 1, "epochs": phase.epochs, "step": position["step"],
-                       "progress": done / total_epochs, "epochs_left": total_epochs - done, **{f"train/{k}": v for k, v in logs.items()},
+                       "progress": done / total_epochs, "epochs_done": done, "epochs_left": total_epochs - done, **{f"train/{k}": v for k, v in logs.items()},
                        "slices_per_s": batches * config.train.batch_size * world / max(seconds, 1e-9),
                        "epoch_s": seconds}
             last = epoch + 1 == phase.epochs
