@@ -15,8 +15,13 @@ from raymed.errors import RaymedError
 
 # Modules with `register(subparsers)`; the order is the order of `raymed --help`.
 COMMAND_MODULES = [
+    "raymed.demo",
     "raymed.data.commands",
     "raymed.engine.commands",
+    "raymed.tuning.commands",
+    "raymed.evaluation.commands",
+    "raymed.cluster.commands",
+    "raymed.serving.commands",
 ]
 
 

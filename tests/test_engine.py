@@ -57,7 +57,7 @@ def _worker_pids() -> list[int]:
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_session, demo_cohort, tmp_path):
-    request = TrainRequest(method="ae", source=str(demo_cohort), config=tiny_config("ae", epochs=30),
+    request = TrainRequest(method="ae", source=str(demo_cohort), config=tiny_config("ae", epochs=16),
                            name="crash", storage=str(tmp_path), workers=2, max_failures=1)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=train(request)))
@@ -75,15 +75,15 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, demo_cohort, t
     assert result.error is None
     log = metrics_log(run)
     epochs = [r["epoch"] for r in log]
-    assert epochs[-1] == 30 and result.metrics["step"] == log[-1]["step"]
-    assert killed_at < 30, "the worker was killed after training had already finished"
+    assert epochs[-1] == 16 and result.metrics["step"] == log[-1]["step"]
+    assert killed_at < 16, "the worker was killed after training had already finished"
     # after the restart, training went on from a checkpoint: no report goes back to epoch 1
     assert epochs.count(1) == 1
 
 
 def test_interrupted_run_resumes_from_its_step(ray_session, demo_cohort, tmp_path):
     args = [sys.executable, "-m", "raymed.cli", "train", "ae", "--data", str(demo_cohort), "--storage", str(tmp_path),
-            "--name", "interrupted", "--workers", "1", "--set", "epochs=40"]
+            "--name", "interrupted", "--workers", "1", "--set", "epochs=16"]
     args += [f"--set={k}={v}" for k, v in {**TINY, **TINY_NETS["ae"]}.items()]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run = tmp_path / "interrupted"
@@ -93,14 +93,14 @@ def test_interrupted_run_resumes_from_its_step(ray_session, demo_cohort, tmp_pat
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = metrics_log(run)
-    assert before and before[-1]["epoch"] < 40
+    assert before and before[-1]["epoch"] < 16
     with pytest.raises(ConfigError, match="already exists"):
-        train(TrainRequest(method="ae", source=str(demo_cohort), config=tiny_config("ae", epochs=40),
+        train(TrainRequest(method="ae", source=str(demo_cohort), config=tiny_config("ae", epochs=16),
                            name="interrupted", storage=str(tmp_path)))
     out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     after = metrics_log(run)[len(before):]
-    assert after[-1]["epoch"] == 40
+    assert after[-1]["epoch"] == 16
     assert after[0]["epoch"] > 1 and after[0]["step"] > before[0]["step"], "resume started again from zero"
     assert "best checkpoint:" in out.stdout
 

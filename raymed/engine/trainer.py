@@ -5,6 +5,7 @@ then run the method's loop on Ray Train (`TorchTrainer`) and record where the be
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import ray
@@ -21,6 +22,7 @@ from raymed.engine.progress import ProgressCallback
 from raymed.engine.storage import ray_storage, storage_uri
 from raymed.errors import ConfigError, DataError
 from raymed.methods.base import MethodConfig
+from raymed.methods.registry import method_class
 
 
 @dataclass
@@ -39,9 +41,18 @@ class TrainRequest:
     keep_checkpoints: int = 2
     callbacks: tuple = ()
 
+    def __post_init__(self):
+        # Ray workers and the controller run in other working directories: make local paths absolute
+        self.source = absolute(self.source)
+        self.storage = absolute(self.storage)
+
     @property
     def run_uri(self) -> str:
         return join(self.storage, self.name)
+
+
+def absolute(uri: str) -> str:
+    return uri if "://" in str(uri) else os.path.abspath(uri)
 
 
 def preflight(request: TrainRequest) -> int:
@@ -51,6 +62,9 @@ def preflight(request: TrainRequest) -> int:
     healthy slices, so a good dataset costs one volume.
     """
     config = request.config
+    if not method_class(request.method)(config, 1).phases():
+        raise ConfigError(f"{request.method} has nothing to train: evaluate it directly "
+                          f"(raymed evaluate {request.method})")
     cases = assign_splits(discover(request.source, request.pattern), seed=config.data.split_seed)
     train = select(cases, "train")
     if not train:

@@ -2,7 +2,10 @@
 
 `CHECKPOINT/threshold.json` holds {"pixel": float|None, "image": float|None, "split": str,
 "criterion": "max_dice"|"flag_rate", "flag_rate": float|None, "metrics": {...}}: `pixel`
-binarises anomaly maps, `image` flags a scan/slice by its score.
+binarises anomaly maps, `image` flags a scan/slice by its score. Optional fields say how the
+threshold was chosen, so a consumer can check it applies: "postprocess" (the
+`raymed.evaluation.postprocess.PostProcessing` settings the maps had) and "image_score" (the
+`raymed.evaluation.detection.ImageScore` that turns a slice's map into its score), "source".
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ THRESHOLD_FILE = "threshold.json"
 
 def save_threshold(checkpoint_uri: str, threshold: dict) -> str:
     """Write the threshold next to the checkpoint's weights; returns its URI."""
-    unknown = set(threshold) - {"pixel", "image", "split", "criterion", "flag_rate", "metrics"}
+    unknown = set(threshold) - {"pixel", "image", "split", "criterion", "flag_rate", "metrics",
+                                "postprocess", "image_score", "source"}
     if unknown:
         raise DataError(f"threshold has unknown fields: {', '.join(sorted(unknown))}")
     uri = join(checkpoint_uri, THRESHOLD_FILE)

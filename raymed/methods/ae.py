@@ -59,6 +59,9 @@ class AutoEncoderMethod(Method):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.nets["autoencoder"](x)
 
+    def reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(x)
+
     def reconstruction_loss(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         return F.l1_loss(recon, x) if self.config.loss == "l1" else F.mse_loss(recon, x)
 

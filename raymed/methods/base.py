@@ -119,6 +119,11 @@ class Method:
         raise TypeError(f"method {self.name} is not a detector")
 
     @torch.no_grad()
+    def reconstruction(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The pseudo-healthy image (N, C, H, W) the anomaly map compares x with; None if none."""
+        return None
+
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images (n, C, H, W); generators override."""
         raise TypeError(f"method {self.name} is not a generator")

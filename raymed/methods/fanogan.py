@@ -96,6 +96,9 @@ class FAnoGAN(Method):
     def encode_decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.generate(torch.tanh(self.nets["encoder"](x)))
 
+    def reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_decode(x)
+
     def encoder_loss(self, batch):
         x = batch["image"]
         recon = self.encode_decode(x)

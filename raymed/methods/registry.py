@@ -16,6 +16,7 @@ METHODS = {
     "ae": "raymed.methods.ae:AutoEncoderMethod",
     "vae": "raymed.methods.vae:VariationalAutoEncoderMethod",
     "fanogan": "raymed.methods.fanogan:FAnoGAN",
+    "threshold": "raymed.methods.threshold:IntensityThreshold",
 }
 
 

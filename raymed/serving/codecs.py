@@ -88,27 +88,45 @@ def decode_upload(data: bytes, channels: int, max_decoded: int) -> Upload:
     kind = sniff(data)
     try:
         if kind == "nifti":
-            volume = decode_nifti(data, "upload")
-            return _from_nifti(volume, channels)
-        array = decode_slice(data, f"upload.{kind}")
+            return _from_nifti(decode_nifti(data, "upload"), channels)
+        array = decode_slice(data, "upload.png") if kind == "png" else _load_npy(data)
     except DataError as err:
         raise RequestError(400, "undecodable", str(err)) from None
-    image = array[None] if array.ndim == 2 else array
-    _check_channels(image.shape[0], channels, f"{kind.upper()} image of shape {array.shape}")
+    return _slice(array, channels, f"{kind.upper()} image of shape {array.shape}")
+
+
+def _slice(array: np.ndarray, channels: int, what: str) -> Upload:
+    """A 2D input (H, W) or (C, H, W) as float32 (C, H, W), checked against the model's channels."""
+    image = np.asarray(array[None] if array.ndim == 2 else array, dtype=np.float32)
+    _check_channels(image.shape[0], channels, what)
+    if min(image.shape[1:]) < 2:
+        raise RequestError(422, "bad_shape", f"{what} is too small")
     _check_values(image)
     return Upload(image=image, volume=None)
 
 
+def _check_dtype(array: np.ndarray, what: str) -> None:
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+        raise RequestError(422, "bad_dtype", f"{what} type {array.dtype} is not a real number type")
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """An NPY slice (H, W) or (C, H, W) of real numbers, as float32; never unpickles."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as err:
+        raise DataError(f"upload.npy: not a readable NPY file ({type(err).__name__})") from None
+    _check_dtype(array, "NPY element")
+    if array.ndim not in (2, 3):
+        raise RequestError(422, "bad_shape", f"NPY of shape {array.shape}; expected (H, W) or (C, H, W)")
+    return array.astype(np.float32)
+
+
 def _from_nifti(volume: Volume, channels: int) -> Upload:
     array = volume.array
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-            or array.dtype == bool):
-        raise RequestError(422, "bad_dtype", f"NIfTI voxel type {array.dtype} is not a real number type")
+    _check_dtype(array, "NIfTI voxel")
     if array.ndim == 2:
-        _check_channels(1, channels, f"2D NIfTI of shape {array.shape}")
-        image = array[None].astype(np.float32)
-        _check_values(image)
-        return Upload(image=image, volume=None)
+        return _slice(array, channels, f"2D NIfTI of shape {array.shape}")
     if array.ndim == 3:
         image = array[None]
     elif array.ndim == 4:
@@ -132,8 +150,6 @@ def _check_channels(got: int, expected: int, what: str) -> None:
 
 
 def _check_values(image: np.ndarray) -> None:
-    if min(image.shape[-2:]) < 2:
-        raise RequestError(422, "bad_shape", f"image of shape {image.shape} is too small")
     if not np.isfinite(image).all():
         raise RequestError(422, "non_finite", "input contains NaN or infinite values")
 

@@ -1,0 +1,164 @@
+"""`raymed evaluate`, `raymed tune-threshold` and `raymed compare`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from raymed.data.io import join
+
+TARGET_HELP = ("a run folder (its best checkpoint), a checkpoint folder, local or s3://, or the name of a "
+               "method without weights: threshold")
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """Post-processing and image-score options; thresholds are only valid for the same ones."""
+    post = parser.add_argument_group("post-processing (stated in every report)")
+    post.add_argument("--erode", type=int, default=0, metavar="N",
+                      help="erode the brain mask by N voxels and zero the map outside it (default 0: off)")
+    post.add_argument("--median", type=int, default=0, metavar="K",
+                      help="median filter with kernel K, e.g. 5 (default 0: off)")
+    post.add_argument("--median-dims", type=int, choices=(2, 3), default=2,
+                      help="median filter per axial slice (2, default) or in 3D (3)")
+    post.add_argument("--min-component", type=int, default=0, metavar="N",
+                      help="drop connected components smaller than N voxels from the binary maps (default 0: off)")
+    post.add_argument("--positive-only", action="store_true",
+                      help="keep only positive residuals (x > reconstruction): hyper-intense lesions")
+    score = parser.add_argument_group("image scores (detection, active learning)")
+    score.add_argument("--image-score", choices=("method", "topk", "max"), default="method",
+                       help="slice score: the detector's own score, as served (default); the mean of the "
+                            "top-k brain voxels of its post-processed map; or the map's maximum")
+    score.add_argument("--topk-fraction", type=float, default=0.01,
+                       help="top-k: k as a fraction of the slice's brain voxels (default 0.01)")
+    parser.add_argument("--bins", type=int, default=None, help="histogram bins of the pixel metrics (default 65536)")
+    parser.add_argument("--pattern", help="filename pattern for a flat folder, e.g. '{subject}_{modality}.nii.gz'")
+
+
+def add_config_for_names(parser: argparse.ArgumentParser) -> None:
+    from raymed.engine.commands import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.epilog = ("--config/--set configure a method given by name, e.g. "
+                     "--set 'data.modalities=[t2]' --set data.size=64 for threshold.")
+
+
+def settings_from(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from raymed.errors import ConfigError
+    from raymed.evaluation.protocol import Settings
+
+    values = {"postprocess": {"erode": args.erode, "median": args.median, "median_dims": args.median_dims,
+                              "min_component": args.min_component, "positive_only": args.positive_only},
+              "image_score": {"reduction": args.image_score, "fraction": args.topk_fraction}}
+    if args.bins is not None:
+        values["bins"] = args.bins
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise ConfigError(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e['input']!r})") from None
+
+
+def open_from(args: argparse.Namespace):
+    from raymed.evaluation.evaluate import open_target
+
+    return open_target(args.target, args.data, args.pattern, args.config, args.set)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a detector: metrics, figures, NIfTI maps, report",
+        description="Evaluate a detector on a split as the seed papers do: pixel AUROC/AUPRC/[DICE] inside the "
+                    "brain mask, Dice/precision/recall per volume at a threshold chosen on the validation "
+                    "split (or stored by `raymed tune-threshold`), slice/volume detection, against the "
+                    "`threshold` reference. Writes metrics.json, report.md, PNG figures and anomaly maps "
+                    "as NIfTI on the input grid.")
+    evaluate.add_argument("target", help=TARGET_HELP)
+    evaluate.add_argument("--data", required=True, help="folder, manifest or s3:// URI with labels")
+    evaluate.add_argument("--split", default="test", help="split to evaluate (default test)")
+    evaluate.add_argument("--val-split", default="val", help="split thresholds are chosen on (default val)")
+    evaluate.add_argument("--out", help="report folder (default TARGET/evaluation/SPLIT, or "
+                                        "evaluation/METHOD/SPLIT for a method name)")
+    evaluate.add_argument("--no-reference", action="store_true", help="skip the threshold reference")
+    evaluate.add_argument("--no-maps", action="store_true", help="do not write NIfTI anomaly maps")
+    add_protocol_arguments(evaluate)
+    add_config_for_names(evaluate)
+    evaluate.set_defaults(run=run_evaluate)
+
+    tune = sub.add_parser(
+        "tune-threshold", help="choose the operating threshold on validation data and store it",
+        description="Choose the pixel threshold with the best Dice on a labelled split and the image "
+                    "threshold by --criterion (max_dice: best F1 of slice flags; flag_rate: flag the "
+                    "fraction --flag-rate of slices, for active learning). Stored as threshold.json in "
+                    "the checkpoint folder; evaluate and serving use it.")
+    tune.add_argument("target", help=TARGET_HELP)
+    tune.add_argument("--data", required=True, help="folder, manifest or s3:// URI")
+    tune.add_argument("--split", default="val", help="split to choose on (default val)")
+    tune.add_argument("--criterion", choices=("max_dice", "flag_rate"), default="max_dice",
+                      help="how the image threshold is chosen (default max_dice)")
+    tune.add_argument("--flag-rate", type=float, help="fraction of slices to flag with --criterion flag_rate")
+    tune.add_argument("--out", help="for a method name: the checkpoint folder to create")
+    add_protocol_arguments(tune)
+    add_config_for_names(tune)
+    tune.set_defaults(run=run_tune)
+
+    compare = sub.add_parser(
+        "compare", help="print several evaluations side by side",
+        description="Print the headline metrics of several evaluations (run folders, evaluation folders "
+                    "or metrics.json files) as one table, a row per method.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run folder, evaluation folder or metrics.json")
+    compare.add_argument("--split", default="test", help="which evaluation of a run folder (default test)")
+    compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    compare.add_argument("--json", action="store_true", help="print JSON rows")
+    compare.set_defaults(run=run_compare)
+
+
+def default_out(target: str, split: str) -> str:
+    from raymed.evaluation.evaluate import is_method_name
+
+    return join("evaluation", target, split) if is_method_name(target) else join(target, "evaluation", split)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from raymed.evaluation.evaluate import evaluate
+    from raymed.evaluation.report import REPORT_FILE, headline
+
+    settings = settings_from(args)
+    target = open_from(args)
+    out = args.out or default_out(args.target, args.split)
+    metrics = evaluate(target, args.data, out, split=args.split, val_split=args.val_split, settings=settings,
+                       reference=not args.no_reference, maps=not args.no_maps, pattern=args.pattern)
+    for result in metrics["results"].values():
+        print(headline(result))
+    for note in metrics["notes"]:
+        print(f"note: {note}")
+    print(f"report: {join(out, REPORT_FILE)}")
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from raymed.evaluation.evaluate import tune_threshold
+
+    settings = settings_from(args)
+    target = open_from(args)
+    threshold, uri = tune_threshold(target, args.split, args.criterion, args.flag_rate, settings, args.out,
+                                    source=args.data)
+    shown = {k: threshold[k] for k in ("pixel", "image", "criterion", "flag_rate")}
+    print(f"threshold: {json.dumps(shown)}")
+    print(f"{args.split} metrics: {json.dumps({k: round(v, 4) for k, v in threshold['metrics'].items()})}")
+    print(f"stored: {uri}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from raymed.evaluation.report import compare_rows, markdown_table, text_table
+
+    headers, rows = compare_rows(args.runs, args.split)
+    if args.json:
+        print(json.dumps([dict(zip(headers, row)) for row in rows], indent=2))
+    elif args.markdown:
+        print(markdown_table(headers, rows))
+    else:
+        print(text_table(headers, rows))
+    return 0

@@ -1,0 +1,1 @@
+"""The HTTP endpoint on Ray Serve: deployments, request codecs, the Serve config, the client."""

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: Ray Tune trials of Ray Train runs, OptunaSearch (TPE) and ASHA."""
