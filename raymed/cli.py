@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from raymed import __version__
+from raymed.console import VERBOSE_ENV
 from raymed.errors import RaymedError
 
 # Modules with `register(subparsers)`; the order is the order of `raymed --help`.
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, tune and serve medical-imaging anomaly detectors and generators on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"raymed {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's own logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return int(args.run(args) or 0)
     except RaymedError as err:

@@ -21,9 +21,10 @@ DEMO_CONFIG = {
     "vae": {"lr": 1e-3, "train.batch_size": 16, "kl_weight": 0.1},
     "fanogan": {"lr": 2e-4, "train.batch_size": 16},
 }
-# Residual maps are noisy voxel by voxel; the seed papers median-filter them (k = 5). The
-# threshold reference gets the same post-processing.
-DEMO_SETTINGS = {"postprocess": {"median": 5}}
+# Residual maps are noisy voxel by voxel; the seed papers median-filter them (k = 5). This is the
+# run's post-processing: its validation uses it, and evaluation applies it to the threshold
+# reference too.
+DEMO_POSTPROCESS = {"postprocess.median": 5}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,13 +60,11 @@ def epoch_overrides(method: str, epochs: int) -> dict:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import ray
-
+    from raymed.console import start_ray
     from raymed.data.demo import build_demo_cohort
     from raymed.engine.trainer import TrainRequest, train
     from raymed.errors import ConfigError
     from raymed.evaluation.evaluate import evaluate, open_target, tune_threshold
-    from raymed.evaluation.protocol import Settings
     from raymed.evaluation.report import REPORT_FILE, fmt, headline
     from raymed.methods.registry import build_config
 
@@ -79,10 +78,9 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         print(f"[1/4] building the demo cohort in {data} ({args.subjects} subjects, {args.size}³ voxels)")
         build_demo_cohort(data, subjects=args.subjects, size=args.size, seed=0)
-    config = build_config(args.method, overrides={**DEMO_CONFIG[args.method], "data.size": args.size,
+    config = build_config(args.method, overrides={**DEMO_POSTPROCESS, **DEMO_CONFIG[args.method], "data.size": args.size,
                                                   **epoch_overrides(args.method, args.epochs)})
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    start_ray()
     request = TrainRequest(method=args.method, source=data, config=config, storage=storage,
                            name=args.name or f"{args.method}-demo-{time.strftime('%Y%m%d-%H%M%S')}",
                            workers=args.workers, max_failures=1)
@@ -90,14 +88,11 @@ def run_demo(args: argparse.Namespace) -> int:
           f"-> {request.run_uri}")
     train(request)
     print("[3/4] choosing thresholds on the validation split")
-    settings = Settings.model_validate(DEMO_SETTINGS)
-    threshold, stored = tune_threshold(open_target(request.run_uri, data), "val", settings=settings,
-                                       source=data)
+    threshold, stored = tune_threshold(open_target(request.run_uri, data), "val", source=data)
     print(f"      pixel {fmt(threshold['pixel'], '.4g')}, image {fmt(threshold['image'], '.4g')} -> {stored}")
     print("[4/4] evaluating on the test split against the threshold reference")
     out = join(request.run_uri, "evaluation", "test")
-    metrics = evaluate(open_target(request.run_uri, data), data, out, settings=settings,
-                       progress=lambda line: None)
+    metrics = evaluate(open_target(request.run_uri, data), data, out, progress=lambda line: None)
     print()
     for result in metrics["results"].values():
         print(headline(result))

@@ -44,6 +44,9 @@ def test_two_workers_train_and_loss_falls(ray_session, demo_cohort, tmp_path, me
     key = next(k for k in last_phase[0] if k.startswith("train/"))
     assert last_phase[-1][key] < last_phase[0][key], f"{key} did not fall: {last_phase[0][key]} -> {last_phase[-1][key]}"
     assert 0 <= last_phase[-1]["val/auroc"] <= 1
+    # DDP kept the ranks in step: every module's weights are identical on both workers
+    drift = [r["sync/param_diff"] for r in log if "sync/param_diff" in r]
+    assert drift and all(d == 0 for d in drift), drift
     summary = json.load(open(tmp_path / "run" / "result.json"))
     model, state = ckpt.load_method(str(tmp_path / "run"))
     assert state["uri"] == summary["best_checkpoint"] and model.name == method

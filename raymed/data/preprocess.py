@@ -19,12 +19,14 @@ from raymed.data.discovery import Case
 from raymed.data.io import Volume, read_volume
 from raymed.errors import DataError
 
+TISSUES = ("csf", "gm", "wm")  # the channels of `tissue`; background is 1 - their sum
+
 
 class Preprocessing(BaseModel):
     """How volumes are brought to a common grid and intensity range."""
 
     model_config = ConfigDict(extra="forbid")
-    modalities: list[str] | None = None  # None: every modality of the first case
+    modalities: list[str] | None = None  # None: every modality of the first case (pinned when training starts)
     size: int = 128  # in-plane size of axial slices (voxels)
     slices: int | None = None  # number of axial slices after resizing; None keeps the count
     lower_percentile: float = 1.0
@@ -33,7 +35,8 @@ class Preprocessing(BaseModel):
 
 @dataclass
 class Prepared:
-    """A case ready for slicing: image (C, X, Y, Z) in [0, 1], label and mask (X, Y, Z)."""
+    """A case ready for slicing: image (C, X, Y, Z) in [0, 1], label and mask (X, Y, Z);
+    tissue (T, X, Y, Z) probabilities in TISSUES order when asked for."""
 
     subject: str
     image: np.ndarray
@@ -42,6 +45,7 @@ class Prepared:
     affine: np.ndarray
     source: Volume  # the first modality as read, for mapping outputs back onto its grid
     split: str | None = None
+    tissue: np.ndarray | None = None
 
 
 def check_geometry(reference: Volume, other: Volume, ref_name: str, other_name: str) -> None:
@@ -115,17 +119,34 @@ def normalise(image: np.ndarray, mask: np.ndarray, lower: float, upper: float, n
     return out
 
 
-def prepare(case: Case, settings: Preprocessing) -> Prepared:
-    """Read, orient to RAS, resize in-plane to `settings.size`, mask and normalise one case."""
+def read_tissue(case: Case, reference: Volume, reference_name: str) -> np.ndarray:
+    """The case's tissue probability maps (T, X, Y, Z), e.g. the demo cohort's gm/wm/csf files."""
+    missing = [t for t in TISSUES if t not in case.extras]
+    if missing:
+        raise DataError(f"subject {case.subject}: no {', '.join(missing)} tissue map "
+                        f"(expected files {', '.join(f'{case.subject}_{t}.nii.gz' for t in TISSUES)})")
+    maps = []
+    for name in TISSUES:
+        volume = read_volume(case.extras[name])
+        check_geometry(reference, volume, reference_name, case.extras[name])
+        maps.append(np.clip(_as_3d(volume, case.extras[name]), 0, 1))
+    return np.stack(maps)
+
+
+def prepare(case: Case, settings: Preprocessing, tissue: bool = False) -> Prepared:
+    """Read, orient to RAS, resize in-plane to `settings.size`, mask and normalise one case
+    (and bring its tissue maps onto the same grid when `tissue`)."""
     modalities = settings.modalities or sorted(case.images)
     channels, label, mask, first = read_case(case, modalities)
-    return prepare_image(np.stack(channels), first, settings, case.images[modalities[0]], label, mask,
-                         subject=case.subject, split=case.split)
+    first_name = case.images[modalities[0]]
+    maps = read_tissue(case, first, first_name) if tissue else None
+    return prepare_image(np.stack(channels), first, settings, first_name, label, mask,
+                         subject=case.subject, split=case.split, tissue=maps)
 
 
 def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, name: str,
                   label: np.ndarray | None = None, mask: np.ndarray | None = None,
-                  subject: str = "", split: str | None = None) -> Prepared:
+                  subject: str = "", split: str | None = None, tissue: np.ndarray | None = None) -> Prepared:
     """The steps of `prepare` on arrays already in memory (as the HTTP endpoint receives them).
 
     `image` is (C, X, Y, Z) float32 on the voxel grid of `source`; `label`/`mask` are (X, Y, Z)
@@ -148,6 +169,11 @@ def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, na
         return np.asarray(meta[0]) > 0.5
 
     array = np.asarray(image, dtype=np.float32)
+    tissue_out = None
+    if tissue is not None:
+        maps = orient(MetaTensor(torch.from_numpy(tissue.astype(np.float32)), affine=affine))
+        maps = Resize(target, mode="trilinear")(maps) if tuple(maps.shape[1:]) != target else maps
+        tissue_out = np.clip(np.asarray(maps, dtype=np.float32), 0, 1)
     label_out = follow(label)
     mask_out = follow(mask) if mask is not None else foreground_mask(array)
     array = normalise(array, mask_out, settings.lower_percentile, settings.upper_percentile, name)
@@ -159,6 +185,7 @@ def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, na
         affine=np.asarray(image.affine, dtype=np.float64),
         source=source,
         split=split,
+        tissue=tissue_out,
     )
 
 

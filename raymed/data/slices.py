@@ -20,16 +20,40 @@ from raymed.errors import DataError
 
 @dataclass
 class SliceSet:
-    """Stacked 2D samples: image (N, C, H, W) float32; label/mask (N, H, W); where each came from."""
+    """Stacked 2D samples: image (N, C, H, W) float32; label/mask (N, H, W); where each came from;
+    tissue (N, T, H, W) when loaded; position (N,) the slice's relative height in its volume."""
 
     image: np.ndarray
     label: np.ndarray
     mask: np.ndarray
     subject: list[str]
     index: np.ndarray  # axial slice index (or patch start) in the prepared volume
+    position: np.ndarray | None = None
+    tissue: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.image)
+
+    def take(self, idx: np.ndarray) -> SliceSet:
+        """The samples at `idx`, in that order."""
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return SliceSet(self.image[idx], self.label[idx], self.mask[idx], [self.subject[i] for i in idx],
+                        self.index[idx], pick(self.position), pick(self.tissue))
+
+    def batch(self, idx: np.ndarray, fields: tuple[str, ...], device) -> dict:
+        """The batch dict a method sees (see `raymed.methods.base.Batch`) for samples `idx`."""
+        out = {}
+        for name in fields:
+            if name == "subject":
+                out[name] = [self.subject[i] for i in idx]
+                continue
+            array = {"image": self.image, "mask": self.mask, "label": self.label, "tissue": self.tissue,
+                     "position": self.position, "slice": self.index}[name]
+            if array is None:
+                raise DataError(f"batch field {name!r} was not loaded")
+            tensor = torch.from_numpy(np.ascontiguousarray(array[idx]))
+            out[name] = tensor.float().to(device) if name == "position" else tensor.to(device, non_blocking=True)
+        return out
 
     @property
     def lesion(self) -> np.ndarray:
@@ -46,12 +70,15 @@ def axial_slices(prepared: Prepared, min_brain: float = 0.05, healthy_only: bool
     if healthy_only:
         keep &= ~label.reshape(-1, z).any(axis=0)
     idx = np.flatnonzero(keep)
+    tissue = prepared.tissue
     return SliceSet(
         image=np.ascontiguousarray(np.moveaxis(prepared.image[..., idx], -1, 0)),
         label=np.ascontiguousarray(np.moveaxis(label[..., idx], -1, 0)),
         mask=np.ascontiguousarray(np.moveaxis(prepared.mask[..., idx], -1, 0)),
         subject=[prepared.subject] * len(idx),
         index=idx,
+        position=(idx / max(z - 1, 1)).astype(np.float32),
+        tissue=None if tissue is None else np.ascontiguousarray(np.moveaxis(tissue[..., idx], -1, 0)),
     )
 
 
@@ -80,24 +107,23 @@ def concat(sets: Iterable[SliceSet]) -> SliceSet:
     sets = [s for s in sets if len(s)]
     if not sets:
         return SliceSet(np.zeros((0, 1, 1, 1), np.float32), np.zeros((0, 1, 1), np.uint8),
-                        np.zeros((0, 1, 1), bool), [], np.zeros(0, int))
+                        np.zeros((0, 1, 1), bool), [], np.zeros(0, int), np.zeros(0, np.float32))
+    joined = lambda name: None if getattr(sets[0], name) is None else np.concatenate([getattr(s, name) for s in sets])  # noqa: E731
     return SliceSet(
-        image=np.concatenate([s.image for s in sets]),
-        label=np.concatenate([s.label for s in sets]),
-        mask=np.concatenate([s.mask for s in sets]),
+        image=joined("image"), label=joined("label"), mask=joined("mask"),
         subject=[name for s in sets for name in s.subject],
-        index=np.concatenate([s.index for s in sets]),
+        index=joined("index"), position=joined("position"), tissue=joined("tissue"),
     )
 
 
 def load_slices(cases: list[Case], settings: Preprocessing, healthy_only: bool = False,
                 min_brain: float = 0.05, skip_bad: bool = False,
-                report: Callable[[str], None] | None = None) -> SliceSet:
+                report: Callable[[str], None] | None = None, tissue: bool = False) -> SliceSet:
     """Prepare each case and stack its slices; a bad case stops the load unless `skip_bad`."""
     sets = []
     for case in cases:
         try:
-            sets.append(axial_slices(prepare(case, settings), min_brain, healthy_only))
+            sets.append(axial_slices(prepare(case, settings, tissue=tissue), min_brain, healthy_only))
         except DataError as err:
             if not skip_bad:
                 raise

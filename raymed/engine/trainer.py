@@ -8,17 +8,18 @@ import json
 import os
 from dataclasses import dataclass
 
-import ray
 import yaml
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from raymed.console import start_ray, train_logging
 from raymed.data.discovery import discover
 from raymed.data.io import exists, join, read_bytes, write_bytes_atomic
 from raymed.data.slices import load_slices
 from raymed.data.splits import assign_splits, select
-from raymed.engine.loop import train_loop
-from raymed.engine.progress import ProgressCallback
+from raymed.engine.checkpoint import init_from, resolve
+from raymed.engine.loop import phase_subjects, train_loop
+from raymed.engine.progress import ProgressCallback, follow
 from raymed.engine.storage import ray_storage, storage_uri
 from raymed.errors import ConfigError, DataError
 from raymed.methods.base import MethodConfig
@@ -56,27 +57,36 @@ def absolute(uri: str) -> str:
 
 
 def preflight(request: TrainRequest) -> int:
-    """Fail fast on the driver: data found, a train split with healthy slices, enough subjects.
+    """Fail fast on the driver: data found, modalities pinned, a train split with healthy slices,
+    enough subjects (labelled ones too), `init_from` readable.
 
-    Returns the number of input channels. Stops reading at the first train subject that has
-    healthy slices, so a good dataset costs one volume.
+    Pins `config.data.modalities` (the first subject's, sorted, unless given) so the run, its
+    checkpoints and the endpoint agree on which channel is which; returns the channel count.
+    Stops reading at the first train subject that has healthy slices.
     """
     config = request.config
-    if not method_class(request.method)(config, 1).phases():
+    phases = method_class(request.method)(config, 1).phases()
+    if not phases:
         raise ConfigError(f"{request.method} has nothing to train: evaluate it directly "
                           f"(raymed evaluate {request.method})")
     cases = assign_splits(discover(request.source, request.pattern), seed=config.data.split_seed)
+    if not config.data.modalities:
+        config.data.modalities = sorted(cases[0].images)
     train = select(cases, "train")
     if not train:
         raise DataError(f"{request.source}: no subjects in the train split")
-    if request.workers > len(train):
-        raise ConfigError(f"--workers {request.workers} is more than the {len(train)} training subjects "
-                          "(each worker reads its own subjects)")
+    for phase in phases:
+        phase_subjects(cases, phase.data)
+    channels = len(config.data.modalities)
+    if config.train.init_from:
+        config.train.init_from = resolve(config.train.init_from)
+        print(init_from(method_class(request.method)(config, channels), config.train.init_from,
+                        config.train.init_strict), flush=True)
     for case in train:
         slices = load_slices([case], config.data, healthy_only=True, min_brain=config.data.min_brain,
                              skip_bad=config.data.skip_bad)
         if len(slices):
-            return int(slices.image.shape[1])
+            return channels
     raise DataError(f"{request.source}: no healthy training slices in {len(train)} train subjects "
                     "(every brain slice has lesion voxels, or no slice has enough brain)")
 
@@ -115,6 +125,7 @@ def build_trainer(request: TrainRequest) -> TorchTrainer:
                                                checkpoint_score_attribute="checkpoint_score",
                                                checkpoint_score_order="max"),
             callbacks=[ProgressCallback(request.run_uri), *request.callbacks],
+            logging_config=train_logging(),
         ),
     )
 
@@ -122,9 +133,9 @@ def build_trainer(request: TrainRequest) -> TorchTrainer:
 def train(request: TrainRequest):
     """Run training; returns the Ray `Result` after writing `RUN/result.json`."""
     trainer = build_trainer(request)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    result = trainer.fit()
+    start_ray()
+    with follow(request.run_uri, out=lambda line: print(line, flush=True)):
+        result = trainer.fit()
     record_result(request, result)
     return result
 

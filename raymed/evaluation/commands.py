@@ -13,16 +13,17 @@ TARGET_HELP = ("a run folder (its best checkpoint), a checkpoint folder, local o
 
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     """Post-processing and image-score options; thresholds are only valid for the same ones."""
-    post = parser.add_argument_group("post-processing (stated in every report)")
-    post.add_argument("--erode", type=int, default=0, metavar="N",
-                      help="erode the brain mask by N voxels and zero the map outside it (default 0: off)")
-    post.add_argument("--median", type=int, default=0, metavar="K",
-                      help="median filter with kernel K, e.g. 5 (default 0: off)")
-    post.add_argument("--median-dims", type=int, choices=(2, 3), default=2,
-                      help="median filter per axial slice (2, default) or in 3D (3)")
-    post.add_argument("--min-component", type=int, default=0, metavar="N",
-                      help="drop connected components smaller than N voxels from the binary maps (default 0: off)")
-    post.add_argument("--positive-only", action="store_true",
+    post = parser.add_argument_group(
+        "post-processing (stated in every report)",
+        "Defaults are the run's own `postprocess` settings (those its validation used); each flag overrides one.")
+    post.add_argument("--erode", type=int, metavar="N",
+                      help="erode the brain mask by N voxels and zero the map outside it (0: off)")
+    post.add_argument("--median", type=int, metavar="K", help="median filter with kernel K, e.g. 5 (0: off)")
+    post.add_argument("--median-dims", type=int, choices=(2, 3),
+                      help="median filter per axial slice (2) or in 3D (3)")
+    post.add_argument("--min-component", type=int, metavar="N",
+                      help="drop connected components smaller than N voxels from the binary maps (0: off)")
+    post.add_argument("--positive-only", action="store_true", default=None,
                       help="keep only positive residuals (x > reconstruction): hyper-intense lesions")
     score = parser.add_argument_group("image scores (detection, active learning)")
     score.add_argument("--image-score", choices=("method", "topk", "max"), default="method",
@@ -42,15 +43,17 @@ def add_config_for_names(parser: argparse.ArgumentParser) -> None:
                      "--set 'data.modalities=[t2]' --set data.size=64 for threshold.")
 
 
-def settings_from(args: argparse.Namespace):
+def settings_from(args: argparse.Namespace, method):
+    """The protocol settings: the method's post-processing with the flags given on top."""
     from pydantic import ValidationError
 
     from raymed.errors import ConfigError
     from raymed.evaluation.protocol import Settings
 
-    values = {"postprocess": {"erode": args.erode, "median": args.median, "median_dims": args.median_dims,
-                              "min_component": args.min_component, "positive_only": args.positive_only},
-              "image_score": {"reduction": args.image_score, "fraction": args.topk_fraction}}
+    flags = {"erode": args.erode, "median": args.median, "median_dims": args.median_dims,
+             "min_component": args.min_component, "positive_only": args.positive_only}
+    post = {**method.config.postprocess.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
+    values = {"postprocess": post, "image_score": {"reduction": args.image_score, "fraction": args.topk_fraction}}
     if args.bins is not None:
         values["bins"] = args.bins
     try:
@@ -124,8 +127,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from raymed.evaluation.evaluate import evaluate
     from raymed.evaluation.report import REPORT_FILE, headline
 
-    settings = settings_from(args)
     target = open_from(args)
+    settings = settings_from(args, target.method)
     out = args.out or default_out(args.target, args.split)
     metrics = evaluate(target, args.data, out, split=args.split, val_split=args.val_split, settings=settings,
                        reference=not args.no_reference, maps=not args.no_maps, pattern=args.pattern)
@@ -140,8 +143,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_tune(args: argparse.Namespace) -> int:
     from raymed.evaluation.evaluate import tune_threshold
 
-    settings = settings_from(args)
     target = open_from(args)
+    settings = settings_from(args, target.method)
     threshold, uri = tune_threshold(target, args.split, args.criterion, args.flag_rate, settings, args.out,
                                     source=args.data)
     shown = {k: threshold[k] for k in ("pixel", "image", "criterion", "flag_rate")}

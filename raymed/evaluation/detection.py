@@ -17,7 +17,7 @@ from pydantic import Field
 
 from raymed.errors import ConfigError
 from raymed.evaluation.metrics import ranking_metrics
-from raymed.methods.base import Strict
+from raymed.config import Strict
 
 
 class ImageScore(Strict):

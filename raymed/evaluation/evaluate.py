@@ -131,8 +131,9 @@ def operating_point(method: Method, stored: dict | None, val_cases: list[Case], 
 def evaluate(target: Target, source: str, out: str, split: str = "test", val_split: str = "val",
              settings: Settings | None = None, reference: bool = True, maps: bool = True,
              pattern: str | None = None, progress: Callable[[str], None] = print) -> dict:
-    """Evaluate a detector (and the `threshold` reference) on `split`; write the report to `out`."""
-    settings = settings or Settings()
+    """Evaluate a detector (and the `threshold` reference) on `split`; write the report to `out`.
+    Without `settings`, the method's own post-processing applies (the one its validation used)."""
+    settings = settings or Settings(postprocess=target.method.config.postprocess)
     started = time.perf_counter()
     test_cases, val_cases = select(target.cases, split), select(target.cases, val_split)
     if not test_cases:
@@ -220,7 +221,7 @@ def tune_threshold(target: Target, split: str = "val", criterion: str = "max_dic
     A method name has no checkpoint yet: `out` names the folder to create one in (a checkpoint
     with no weights, loadable by `raymed evaluate` and serving like any other).
     """
-    settings = settings or Settings()
+    settings = settings or Settings(postprocess=target.method.config.postprocess)
     cases = select(target.cases, split)
     if not cases:
         raise DataError(f"no cases in the {split!r} split to choose a threshold on")

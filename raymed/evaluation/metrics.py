@@ -50,6 +50,16 @@ class ScoreHistogram:
         self.min = np.inf
         self.max = -np.inf
 
+    @classmethod
+    def spanning(cls, low: float, high: float, bins: int = DEFAULT_BINS) -> ScoreHistogram:
+        """A histogram whose range is fixed to [low, high] up front, so histograms filled apart
+        (e.g. on several workers) share their bins and add up by their counts."""
+        hist = cls(bins)
+        span = high - low
+        hist.lo = low
+        hist.width = (span if span > 0 else max(abs(low), 1.0) * 1e-6) / bins * (1 + 1e-9)
+        return hist
+
     @property
     def hi(self) -> float:
         return self.lo + self.width * self.bins

@@ -8,13 +8,16 @@ precision and recall at the operating threshold, not the threshold-swept AUROC/A
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
 from scipy import ndimage
 
-from raymed.methods.base import Method, Strict
+from raymed.config import Strict
+
+if TYPE_CHECKING:
+    from raymed.methods.base import Method
 
 
 class PostProcessing(Strict):

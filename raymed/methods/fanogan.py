@@ -4,6 +4,7 @@ Phase 1 trains a WGAN-GP on healthy slices (gradient-penalty weight 10, n_critic
 lr 1e-4, β = (0.5, 0.9)). Phase 2 freezes G and the critic and trains an encoder E with the
 izi_f loss  MSE(x, G(E(x))) + κ·MSE(f(x), f(G(E(x))))  where f are the critic's features.
 Anomaly map: the residual |x − G(E(x))|; image score: residual + κ·feature distance.
+E's output is linear (not tanh-bounded), since G was trained on N(0, 1) latents.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class FAnoGAN(Method):
         return [
             Phase("gan", c.gan_epochs, {"critic": self._opt("critic"), "generator": self._opt("generator")},
                   [Update("critic", self.critic_loss), Update("generator", self.generator_loss, every=c.n_critic)],
-                  validate=False),
+                  validation=None),
             Phase("encoder", c.encoder_epochs, {"encoder": self._opt("encoder")},
                   [Update("encoder", self.encoder_loss)], frozen=["generator", "critic"]),
         ]
@@ -76,12 +77,18 @@ class FAnoGAN(Method):
             fake = self.generate(self.noise(len(x), x))
         critic = self.nets["critic"]
         wasserstein = critic(fake).mean() - critic(x).mean()
-        alpha = torch.rand(len(x), 1, 1, 1, device=x.device, dtype=x.dtype)
-        mixed = (alpha * x + (1 - alpha) * fake).requires_grad_(True)
-        (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
-        penalty = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+        penalty = self.gradient_penalty(x, fake)
         loss = wasserstein + self.config.gp_weight * penalty
         return loss, {"critic": loss.item(), "wasserstein": -wasserstein.item(), "gp": penalty.item()}
+
+    def gradient_penalty(self, x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """(‖∇ D(x̂)‖ − 1)² on random interpolates, computed in fp32 outside autocast: the
+        gradient of a half-precision critic underflows, and a loss scaler would scale it."""
+        with torch.autocast(x.device.type, enabled=False):
+            alpha = torch.rand(len(x), 1, 1, 1, device=x.device)
+            mixed = (alpha * x.float() + (1 - alpha) * fake.float()).requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.nets["critic"](mixed).sum(), mixed, create_graph=True)
+            return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
     def generator_loss(self, batch):
         x = batch["image"]
@@ -90,11 +97,10 @@ class FAnoGAN(Method):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Critic features f(x): the output of its last convolutional block, flattened."""
-        critic = self.nets["critic"]
-        return getattr(critic, "module", critic).net(x).flatten(1)
+        return self.nets["critic"].net(x).flatten(1)
 
     def encode_decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.generate(torch.tanh(self.nets["encoder"](x)))
+        return self.generate(self.nets["encoder"](x))
 
     def reconstruction(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_decode(x)
@@ -116,7 +122,7 @@ class FAnoGAN(Method):
         return amap, score
 
     @torch.no_grad()
-    def sample(self, n, generator=None):
+    def sample(self, n, condition=None, generator=None):
         device = next(self.nets["generator"].parameters()).device
         z = torch.randn(n, self.config.latent_size, generator=generator).to(device)
         return self.generate(z)

@@ -17,14 +17,24 @@ METHODS = {
     "vae": "raymed.methods.vae:VariationalAutoEncoderMethod",
     "fanogan": "raymed.methods.fanogan:FAnoGAN",
     "threshold": "raymed.methods.threshold:IntensityThreshold",
+    "dae": "raymed.methods.dae:DenoisingAutoEncoder",
 }
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """A registered method by short name, or any `package.module:Class` importable on the
+    driver and the workers (a method kept outside raymed)."""
+    target = METHODS.get(name) or (name if ":" in name else None)
+    if target is None:
+        raise ConfigError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))}, or module:Class)")
+    module, cls = target.split(":", 1)
+    try:
+        found = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"method {name!r} cannot be imported ({err})") from None
+    if not (isinstance(found, type) and issubclass(found, Method)):
+        raise ConfigError(f"method {name!r} is not a raymed Method class")
+    return found
 
 
 def parse_value(text: str) -> Any:

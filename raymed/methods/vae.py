@@ -25,7 +25,6 @@ class VariationalAutoEncoderMethod(AutoEncoderMethod):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder of the posterior mean."""
         net = self.nets["autoencoder"]
-        net = getattr(net, "module", net)
         mu, _ = net.encode_forward(x)
         return net.decode_forward(mu, net.use_sigmoid)
 
@@ -38,7 +37,7 @@ class VariationalAutoEncoderMethod(AutoEncoderMethod):
         return loss, {"loss": loss.item(), "reconstruction": rec.item() / x[0].numel(), "kl": kl.item()}
 
     @torch.no_grad()
-    def sample(self, n, generator=None):
+    def sample(self, n, condition=None, generator=None):
         net = self.nets["autoencoder"]
         device = next(net.parameters()).device
         z = torch.randn(n, self.config.latent_size, generator=generator).to(device)
