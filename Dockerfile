@@ -4,7 +4,7 @@
 #   docker build -t ghcr.io/OWNER/raymed:0.1.0 .
 #   docker push ghcr.io/OWNER/raymed:0.1.0
 #
-# The base image's Ray must be the version pyproject.toml pins (ray[train,tune,serve]==2.60.0) and
+# The base image's Ray must be a version pyproject.toml accepts (ray[train,tune,serve]>=2.60) and
 # its Python one that raymed supports (3.11). torch from PyPI bundles its CUDA libraries, so this one
 # image runs on CPU and GPU nodes alike (GPU nodes need only the NVIDIA driver and device plugin).
 # For Ray's CUDA base image instead:

@@ -34,8 +34,8 @@ from raymed.data.io import encode_nifti
 from raymed.data.preprocess import prepare_image
 from raymed.engine import checkpoint as ckpt
 from raymed.methods.registry import build_config, method_class
-from raymed.serving.codecs import decode_upload
-from raymed.serving.deployments import prepare_slice
+from raymed.serving.codecs import Grid, Limits, decode_upload
+from raymed.serving.model import prepare_slice
 from raymed.serving.service import deploy, service_config
 
 
@@ -69,11 +69,11 @@ def summarise(latencies: list[float], wall: float, slices_per_request: int) -> d
 def in_process(method, bodies: list[bytes], requests_total: int, slices_per_request: int) -> dict:
     """The replica's work without Serve or HTTP: decode, preprocess, one forward pass per request."""
     settings = method.config.data
-    latencies = []
+    latencies, limits, grid = [], Limits(2**31, 2**20, 2**40), Grid(settings.size, settings.slices)
     start = time.perf_counter()
     for i in range(requests_total):
         began = time.perf_counter()
-        upload = decode_upload(bodies[i % len(bodies)], method.in_channels, 2**32)
+        upload = decode_upload(bodies[i % len(bodies)], method.in_channels, limits, grid)
         if upload.is_volume:
             image = np.moveaxis(prepare_image(upload.image, upload.volume, settings, "bench").image, -1, 0)
         else:
@@ -155,7 +155,7 @@ def main() -> None:
                     results["in_process"][kind] = run
 
         measure_in_process()
-        ray.init(num_cpus=max(cores, args.threads + 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(cores, args.threads + 1), include_dashboard=True, log_to_driver=False)
         try:
             for mode, (batch, wait) in {"batching": (16, 0.01), "no batching": (1, 0.0)}.items():
                 config = service_config({"bench": uri}, host="127.0.0.1", port=args.port, min_replicas=1, max_replicas=1,

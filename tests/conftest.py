@@ -115,11 +115,13 @@ def ray_session(s3_server):
     """One local Ray instance for the whole test session (2 CPUs, like CI's machine).
 
     Started after the S3 settings are in the environment, as on a cluster whose nodes carry
-    them; its address is exported as RAY_ADDRESS so `raymed` subprocesses join it.
+    them; its address is exported as RAY_ADDRESS so `raymed` subprocesses join it. The dashboard
+    runs as on any cluster: Ray Train's placement-group cleaner and the Serve REST API need it.
     """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+             log_to_driver=True)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     os.environ.pop("RAY_ADDRESS", None)
@@ -128,7 +130,8 @@ def ray_session(s3_server):
 
 TINY = {"data.size": 32, "train.batch_size": 8}
 TINY_NETS = {"ae": {"channels": [8, 16], "latent_size": 16}, "vae": {"channels": [8, 16], "latent_size": 16},
-             "fanogan": {"channels": [8, 16, 32], "latent_size": 16}}
+             "fanogan": {"channels": [8, 16, 32], "latent_size": 16},
+             "dae": {"channels": [8, 16, 32], "norm_groups": 4, "noise_res": 8}}
 
 
 def tiny_config(method: str, **overrides):

@@ -260,3 +260,21 @@ def test_address_precedence_and_loopback(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/nonexistent/token")
     with pytest.raises(ClusterError, match="RAY_AUTH_TOKEN_PATH=/nonexistent/token: no such file"):
         auth_headers("http://10.0.0.3:8265")
+
+
+def test_the_token_comes_from_where_ray_keeps_it(monkeypatch, tmp_path):
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_headers("http://127.0.0.1:8265") == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert auth_headers("http://127.0.0.1:8265") == {"authorization": "Bearer from-home"}
+    assert auth_headers("http://10.0.0.3:8265") == {}  # a remote cluster gets a token only when one is named
+    (tmp_path / "token").write_text(" from-file ")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert auth_headers("http://10.0.0.3:8265") == {"authorization": "Bearer from-file"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth_headers("http://10.0.0.3:8265") == {"authorization": "Bearer from-env"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert auth_headers("http://10.0.0.3:8265") == {}

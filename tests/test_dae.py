@@ -1,6 +1,8 @@
 """The DAE's science at tiny size: coarse noise, denoising, few-label segmentation, head swap."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -182,3 +184,39 @@ def test_fine_tuning_loads_the_unet_and_keeps_a_fresh_head(tmp_path):
         assert torch.equal(value, fresh_head[key])
     first = "input_block.conv1.conv.weight"
     assert not torch.equal(scratch.nets["unet"].state_dict()[first], pretrained.nets["unet"].state_dict()[first])
+
+
+def test_finetune_starts_from_the_pretrained_weights_and_scratch_does_not(trained_run, demo_cohort, tmp_path):
+    """`raymed finetune` with a vanishing lr: the UNet still holds the detector's weights after
+    training; `--from-scratch` holds its own. Both write ordinary run folders (segmenters)."""
+    pretrained = trained_run("dae")
+    detector, _ = checkpoint.load_method(pretrained)
+    runs = {}
+    for name, extra in (("tuned", []), ("scratch", ["--from-scratch"])):
+        args = [sys.executable, "-m", "raymed.cli", "finetune", pretrained, "--data", str(demo_cohort),
+                "--labelled", "1", "--storage", str(tmp_path), "--name", name, "--set", "epochs=1",
+                "--set", "lr=1e-9", *extra]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name], _ = checkpoint.load_method(str(tmp_path / name))
+    first = next(iter(detector.nets["unet"].state_dict()))
+    for name, model in runs.items():
+        assert model.config.task == "segment" and "segment_head" in model.nets
+        moved = (model.nets["unet"].state_dict()[first] - detector.nets["unet"].state_dict()[first]).abs().max()
+        assert (moved < 1e-6) == (name == "tuned"), (name, float(moved))
+    probability, _ = runs["tuned"].anomaly_map(torch.rand(2, detector.in_channels, 32, 32))
+    assert float(probability.min()) >= 0 and float(probability.max()) <= 1
+
+
+def test_label_efficiency_study_runs_the_grid_and_plots(trained_run, demo_cohort, tmp_path):
+    """K × {fine-tuned, scratch} as Tune trials, each evaluated on test, with the detector's line."""
+    from raymed.tuning.study import run_study, study_request
+
+    pretrained = trained_run("dae")
+    request = study_request(pretrained, str(demo_cohort), [1], [0], str(tmp_path), "study", {"epochs": 1})
+    table, detector = run_study(request, pretrained, progress=lambda line: None)
+    assert sorted(table["init"]) == ["fine-tuned", "scratch"] and set(table["k"]) == {1}
+    assert all(0 <= v <= 1 for v in table["ap"]) and 0 <= detector["ap"] <= 1
+    for name in ("label_efficiency.csv", "label_efficiency.md", "label_efficiency.png"):
+        assert (tmp_path / "study" / name).stat().st_size > 0
+    assert "| 1 | fine-tuned | 1 |" in (tmp_path / "study" / "label_efficiency.md").read_text()

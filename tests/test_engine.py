@@ -30,6 +30,7 @@ def metrics_log(run) -> list[dict]:
     ("ae", {"epochs": 6, "lr": 1e-3}),
     ("vae", {"epochs": 6, "lr": 1e-3}),
     ("fanogan", {"gan_epochs": 2, "encoder_epochs": 6, "n_critic": 2, "lr": 1e-3, "train.batch_size": 4}),
+    ("dae", {"epochs": 4, "lr": 1e-3}),
 ])
 def test_two_workers_train_and_loss_falls(ray_session, demo_cohort, tmp_path, method, overrides):
     request = TrainRequest(method=method, source=str(demo_cohort), config=tiny_config(method, **overrides),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,6 +182,10 @@ def test_demo_runs_end_to_end_on_ray(ray_session, tmp_path):
         serve.shutdown()  # the demo's endpoint lives on the shared Ray instance
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = proc.stdout[proc.stdout.index("serving ae at"):]
+    # apart from the step headers, progress lines and results, nothing (no Ray internals) is printed
+    shown = re.compile(r"(\[[1-4]/4\] |\[reconstruct\] epoch \d+/2 |      pixel |ae  |threshold  |report: |$)")
+    unexpected = [line for line in proc.stdout[:proc.stdout.index("serving ae at")].splitlines() if not shown.match(line)]
+    assert not unexpected and "[reconstruct] epoch 2/2" in proc.stdout, unexpected
     assert f"http://127.0.0.1:{port}" in served and '"score"' in served and '"slice_scores"' in served
     assert "building the demo cohort" in proc.stdout
     report = tmp_path / "runs" / "d" / "evaluation" / "test" / "report.md"

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from raymed.cli import build_parser
-from tests.test_cluster_image import parse_dockerfile, pinned_ray, project
+from tests.test_cluster_image import image_ray_version, parse_dockerfile, project
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"
@@ -120,7 +120,7 @@ def test_the_schema_check_rejects_unknown_fields_and_wrong_types():
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_ray_version_image_and_s3_secret(name):
     cluster = cluster_spec(manifest(name))
-    assert cluster["rayVersion"] == pinned_ray()
+    assert cluster["rayVersion"] == image_ray_version()  # the Ray the image runs
     assert cluster["authOptions"] == {"mode": "token"}
     for container in containers(cluster):
         assert container["image"] == f"ghcr.io/OWNER/raymed:{project()['version']}", container["name"]

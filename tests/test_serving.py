@@ -38,6 +38,7 @@ IMAGE_THRESHOLD = 0.3
 POSTPROCESS = {"median": 3, "erode": 1}
 IMAGE_SCORE = {"reduction": "max"}
 MAX_UPLOAD_MB = 2
+MAX_SLICES = 256
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +57,21 @@ def models(trained_run, s3_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_session, models):
-    """`raymed serve --detach` in a subprocess joins the test Ray; Serve is shut down at the end."""
+def endpoint(ray_session, models, tmp_path_factory):
+    """`raymed serve --detach` in a subprocess joins the test Ray; Serve is shut down at the end.
+
+    The API key is in a file on the node (as a mounted Secret would be), named by --api-key-file."""
     from ray import serve
 
     port = free_port()
-    env = {**os.environ, KEY_ENV: KEY}
+    key_file = tmp_path_factory.mktemp("secret") / "key"
+    key_file.write_text(KEY + "\n")
     out = subprocess.run(
         [sys.executable, "-m", "raymed.cli", "serve", "--model", f"ae={models['ae']}", "--model", f"vae={models['vae']}",
          "--host", "127.0.0.1", "--port", str(port), "--replicas", "2", "--cpus-per-replica", "0.1",
-         "--api-key-env", KEY_ENV, "--max-upload-mb", str(MAX_UPLOAD_MB), "--detach"],
-        env=env, capture_output=True, text=True, timeout=400)
+         "--api-key-file", str(key_file), "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-slices", str(MAX_SLICES),
+         "--request-timeout", "60", "--detach"],
+        capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     url = f"http://127.0.0.1:{port}"
     assert f"at {url}" in out.stdout
@@ -148,6 +153,8 @@ def test_health_and_model_list(endpoint):
     assert models["ae"]["image_score"]["reduction"] == "max" and len(models["ae"]["postprocess"]) == 2
     assert models["vae"]["image_score"]["reduction"] == "method" and models["vae"]["postprocess"] == []
     assert "val/auroc" in models["vae"]["metrics"] and models["vae"]["checkpoint"].startswith("s3://")
+    assert models["ae"]["limits"]["max_slices"] == MAX_SLICES and models["ae"]["limits"]["max_upload_mb"] == MAX_UPLOAD_MB
+    assert {"max_voxels", "max_float_mb", "request_timeout_s", "max_generate"} <= set(models["ae"]["limits"])
     openapi = requests.get(f"{url}/openapi.json").json()
     assert {"/healthz", "/v1/models", "/v1/models/{name}/detect", "/v1/models/{name}/generate",
             "/v1/models/{name}/translate"} <= set(openapi["paths"])
@@ -214,6 +221,14 @@ def test_generate_is_reproducible_in_every_format(endpoint):
     assert http.post(f"{url}/v1/models/vae/translate", data=b"x").status_code == 405
 
 
+def with_sform(body: bytes, srow) -> bytes:
+    """A gzipped NIfTI whose affine (sform, the qform switched off) is replaced by the 3 rows `srow`."""
+    raw = bytearray(gzip.decompress(body))
+    raw[252:256] = np.array([0, 1], "<i2").tobytes()  # qform_code 0, sform_code 1
+    raw[280:328] = np.asarray(srow, "<f4").tobytes()
+    return gzip.compress(bytes(raw))
+
+
 def bad_inputs(files: list[str]) -> list[tuple[str, dict, int, str]]:
     """(path, request kwargs, expected status, expected error code) for every kind of bad request."""
     body, affine, shape = stacked_volume(files)
@@ -222,13 +237,20 @@ def bad_inputs(files: list[str]) -> list[tuple[str, dict, int, str]]:
     nan[0, 3, 3] = np.nan
     grey = io.BytesIO()
     Image.fromarray(np.zeros((32, 32), np.uint8) + 100, mode="L").save(grey, format="PNG")
-    bomb = gzip.compress(b"\0" * (8 * MAX_UPLOAD_MB * 2**20 + 1024))
+    zeros_gzip = gzip.compress(b"\0" * (8 * MAX_UPLOAD_MB * 2**20 + 1024))
+    huge_header = gzip.compress(encode_nifti(np.ones((8, 8, 8, 3), np.float32), affine, compress=False)[:348]
+                                .replace(b"\x04\x00\x08\x00\x08\x00\x08\x00\x03\x00",
+                                         b"\x04\x00\x00\x04\x00\x04\x00\x04\x03\x00") + b"\0" * 2**20)
     five_d = encode_nifti(np.ones((8, 8, 8, 3, 2), np.float32), affine)
     zeros = encode_nifti(np.zeros((*shape, 3), np.float32), affine)
     detect = "/v1/models/ae/detect"
     return [
         (detect, {"data": os.urandom(MAX_UPLOAD_MB * 2**20 + 1)}, 413, "too_large"),
-        (detect, {"data": bomb}, 413, "too_large"),
+        (detect, {"data": zeros_gzip}, 415, "unsupported_format"),
+        (detect, {"data": huge_header}, 413, "too_large"),
+        (detect, {"data": with_sform(body, np.zeros(12))}, 422, "no_geometry"),
+        (detect, {"data": with_sform(body, [np.nan] + [0.0] * 11)}, 422, "no_geometry"),
+        (detect, {"data": encode_nifti(np.ones((8, 8, MAX_SLICES + 1, 3), np.float32), affine)}, 413, "too_large"),
         (detect, {"data": b""}, 400, "empty_body"),
         (detect, {"data": b"definitely not an image" * 20}, 415, "unsupported_format"),
         (detect, {"data": body[: len(body) // 2]}, 400, "undecodable"),
@@ -243,7 +265,7 @@ def bad_inputs(files: list[str]) -> list[tuple[str, dict, int, str]]:
         ("/v1/models/nope/detect", {"data": body}, 404, "unknown_model"),
         ("/v1/models/vae/generate", {"json": {"n": 0}}, 422, "invalid_request"),
         ("/v1/models/vae/generate", {"json": {"n": 10_000}}, 422, "too_many"),
-        ("/v1/models/vae/generate", {"json": {"n": 1, "condition": [1]}}, 422, "unconditional_model"),
+        ("/v1/models/vae/generate", {"json": {"n": 2, "condition": [0.5]}}, 422, "bad_condition"),
         ("/v1/models/vae/generate", {"data": b"{not json", "headers": {"Content-Type": "application/json"}},
          422, "invalid_request"),
     ]
@@ -256,8 +278,37 @@ def test_every_bad_input_gets_its_4xx_and_the_next_request_succeeds(endpoint, de
     for path, kwargs, status, error in bad_inputs(files):
         response = http.post(f"{url}{path}", **kwargs)
         assert (response.status_code, response.json()["error"]) == (status, error), (path, response.text)
-        assert response.json()["detail"]
+        assert response.json()["detail"] and response.json()["request_id"] == response.headers["x-request-id"]
         assert http.post(f"{url}/v1/models/ae/detect", data=good).status_code == 200
+
+
+def test_a_volume_of_32000_slices_is_refused_from_its_header_within_a_second(endpoint):
+    """8×8×32000×3 (a few MB on the wire) would be ~6 GB of float copies at the model's size."""
+    url, http = endpoint["url"], endpoint["http"]
+    volume = np.broadcast_to(np.linspace(0, 1, 32000, dtype=np.float32)[None, None, :, None], (8, 8, 32000, 3))
+    body = encode_nifti(np.ascontiguousarray(volume), np.eye(4))
+    assert len(body) < MAX_UPLOAD_MB * 2**20  # small enough on the wire: the header is what refuses it
+    began = time.perf_counter()
+    response = http.post(f"{url}/v1/models/ae/detect", data=body)
+    elapsed = time.perf_counter() - began
+    assert response.status_code in (413, 422) and elapsed < 1.0, (response.text, elapsed)
+    assert "32000 axial slices" in response.json()["detail"]
+
+
+def test_the_api_key_is_in_no_deployed_config_and_is_enforced(endpoint, ray_session):
+    import ray
+
+    from raymed.cluster.jobs import auth_headers
+
+    api = f"http://{ray.init(ignore_reinit_error=True).dashboard_url}/api/serve/applications/"
+    answer = requests.get(api, headers=auth_headers(api), timeout=30)
+    assert answer.status_code == 200, answer.text
+    details = answer.json()
+    assert KEY not in json.dumps(details)
+    assert details["applications"]["raymed"]["deployed_app_config"]["args"]["api_key_file"].endswith("key")
+    # run folders are pinned to one checkpoint when deployed
+    pinned = details["applications"]["raymed"]["deployed_app_config"]["args"]["models"]
+    assert pinned["ae"].rstrip("/").split("/")[-1] == "ae-checkpoint"
 
 
 def test_api_key_is_enforced(endpoint, demo_cohort):
@@ -370,8 +421,8 @@ def test_translate_runs_a_translator_and_returns_the_input_grid(demo_cohort):
     import torch
 
     from raymed.methods.ae import AutoEncoderMethod
-    from raymed.serving.codecs import RequestError
-    from raymed.serving.deployments import ModelServer
+    from raymed.serving.codecs import Limits, RequestError
+    from raymed.serving.model import ModelServer
     from tests.conftest import tiny_config
 
     class Translator(AutoEncoderMethod):
@@ -382,7 +433,7 @@ def test_translate_runs_a_translator_and_returns_the_input_grid(demo_cohort):
 
     server = object.__new__(ModelServer.func_or_class)
     server.name, server.method = "t", Translator(tiny_config("ae"), 3)
-    server.device, server.max_decoded = torch.device("cpu"), 2**30
+    server.device, server.limits, server.volumes = torch.device("cpu"), Limits(2**26, 1024, 2**30), asyncio.Semaphore(2)
     server.method.nets.eval()
     files, _ = demo_subject(demo_cohort)
     body, affine, shape = stacked_volume(files)
@@ -392,3 +443,33 @@ def test_translate_runs_a_translator_and_returns_the_input_grid(demo_cohort):
     assert translated_slice.shape == (1, 3, 32, 32)
     with pytest.raises(RequestError, match="cannot detect"):
         asyncio.run(server.detect(body, "json"))
+
+
+def test_an_unexpected_error_is_a_json_500_with_the_request_id():
+    """Whatever escapes a route (a torch or MONAI failure, a bug) still answers JSON, over real HTTP."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from raymed.serving.gateway import JsonErrors
+
+    app = FastAPI()
+    app.add_middleware(JsonErrors)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("CUDA error: an illegal memory access\nmore lines")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        response = requests.get(f"http://127.0.0.1:{port}/boom", headers={"x-request-id": "r-1"}, timeout=10)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal_error", "detail": "RuntimeError: CUDA error: an illegal memory access",
+                               "request_id": "r-1"}

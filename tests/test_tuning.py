@@ -8,7 +8,7 @@ import yaml
 from ray import tune
 
 from raymed.cli import main
-from raymed.errors import ConfigError
+from raymed.errors import ConfigError, DataError
 from raymed.methods.registry import METHODS, build_config
 from raymed.tuning.space import TUNING_FREE, grid_points, load_space, param_space, parse_space
 from raymed.tuning.sweep import SweepRequest, epoch_budget, make_searcher, run_sweep, study_file
@@ -121,9 +121,9 @@ def test_bad_sweep_settings_fail_before_ray(tmp_path, overrides, message):
         sweep(tmp_path, **overrides).check()
 
 
-def test_a_sweep_that_cannot_run_fails_before_ray_starts(demo_cohort, tmp_path):
-    request = sweep(tmp_path, source=str(demo_cohort), workers_per_trial=4)
-    with pytest.raises(ConfigError, match="--workers 4 is more than the 3 training subjects"):
+def test_a_sweep_that_cannot_run_fails_before_ray_starts(tmp_path):
+    request = sweep(tmp_path, source=str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="nowhere: no such folder"):
         run_sweep(request)
     assert not (tmp_path / "sweeps").exists()
 

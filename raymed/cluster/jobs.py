@@ -66,9 +66,19 @@ def auth_headers(address: str) -> dict:
     named = mode == "token" or bool(os.environ.get("RAY_AUTH_TOKEN") or token_path)
     if not (named or is_loopback(address)):
         return {}
-    from ray._raylet import AuthenticationTokenLoader
+    token = read_token(token_path)
+    return {"authorization": f"Bearer {token}"} if token else {}
 
-    return dict(AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True))
+
+def read_token(token_path: str | None) -> str | None:
+    """Ray's token, from where Ray itself looks: RAY_AUTH_TOKEN, the RAY_AUTH_TOKEN_PATH file, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = token_path or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
 
 
 @contextlib.contextmanager

@@ -134,10 +134,25 @@ def train(request: TrainRequest):
     """Run training; returns the Ray `Result` after writing `RUN/result.json`."""
     trainer = build_trainer(request)
     start_ray()
+    warn_if_short(request)
     with follow(request.run_uri, out=lambda line: print(line, flush=True)):
         result = trainer.fit()
     record_result(request, result)
     return result
+
+
+def warn_if_short(request: TrainRequest) -> None:
+    """Ray Train waits for its workers' resources: say so when the cluster has fewer right now
+    (an autoscaling cluster adds nodes; a fixed one waits for ever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    needs = {"CPU": request.workers * request.cpus_per_worker, "GPU": request.workers * request.gpus_per_worker}
+    short = [f"{need:g} {name}s (the cluster has {have.get(name, 0):g})"
+             for name, need in needs.items() if need > have.get(name, 0)]
+    if short:
+        print(f"warning: {request.workers} workers need {' and '.join(short)}: waiting for the cluster to grow",
+              flush=True)
 
 
 def record_result(request: TrainRequest, result) -> dict:

@@ -67,10 +67,19 @@ def load_yaml(path: str) -> dict:
     return loaded
 
 
+def merged(defaults: dict, given: dict) -> dict:
+    """`given` on top of `defaults`, section by section: setting one key of a section (e.g.
+    `postprocess.median`) keeps the method's defaults for the others."""
+    out = dict(defaults)
+    for key, value in given.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def build_config(name: str, base: dict | None = None, overrides: dict[str, Any] | None = None) -> MethodConfig:
     """Validate a config for method `name`; errors name the offending key."""
     cls = method_class(name)
-    tree = dict(base or {})
+    tree = merged(cls.Config().model_dump(mode="json"), base or {})
     for key, value in (overrides or {}).items():
         set_dotted(tree, key, value)
     try:

@@ -35,9 +35,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-batch-size", type=int, default=16, help="slices per forward pass (default 16)")
     serve.add_argument("--batch-wait-ms", type=float, default=10.0,
                        help="how long a batch waits to fill before it runs (default 10)")
-    serve.add_argument("--api-key-env", metavar="VAR",
-                       help="require the API key held in environment variable VAR (header X-API-Key)")
+    key = serve.add_mutually_exclusive_group()
+    key.add_argument("--api-key-env", metavar="VAR",
+                     help="require the API key that environment variable VAR holds on every node (header X-API-Key)")
+    key.add_argument("--api-key-file", metavar="PATH",
+                     help="require the API key held in file PATH on every node (e.g. a mounted Kubernetes Secret)")
     serve.add_argument("--max-upload-mb", type=float, default=256, help="largest upload in MiB (default 256)")
+    serve.add_argument("--max-voxels", type=int, default=2**26,
+                       help="most voxels in one upload, all channels (default 67108864)")
+    serve.add_argument("--max-slices", type=int, default=1024,
+                       help="most axial slices of one volume on the model's grid (default 1024)")
+    serve.add_argument("--max-float-mb", type=float, default=256,
+                       help="largest float32 copy of an upload or of its grid at the model's size (default 256 MiB)")
+    serve.add_argument("--request-timeout", type=float, default=120, metavar="SECONDS",
+                       help="answer 504 to a request not done by then (default 120)")
     serve.add_argument("--print-config", action="store_true",
                        help="print the Serve config as YAML (for `serve run`/`serve deploy`/a RayService) and exit")
     serve.add_argument("--detach", action="store_true",
@@ -102,7 +113,9 @@ def build_service_config(args: argparse.Namespace) -> dict:
                           max_replicas=high, target_ongoing_requests=args.target_ongoing_requests,
                           cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
                           max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                          api_key_env=args.api_key_env, max_upload_mb=args.max_upload_mb)
+                          api_key_env=args.api_key_env, api_key_file=args.api_key_file,
+                          max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels, max_slices=args.max_slices,
+                          max_float_mb=args.max_float_mb, request_timeout_s=args.request_timeout)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -115,14 +128,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from raymed.engine.checkpoint import resolve
     from raymed.serving.service import deploy
 
-    for name, uri in config["applications"][0]["args"]["models"].items():
-        print(f"{name}: {resolve(uri)}")
-    if args.api_key_env:
-        key = os.environ.get(args.api_key_env)
-        if not key:
-            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
-        # The replicas read the key from their environment; hand it to them with the application.
-        config["applications"][0]["runtime_env"] = {"env_vars": {args.api_key_env: key}}
+    models = config["applications"][0]["args"]["models"]
+    for name, uri in models.items():
+        models[name] = resolve(uri)  # the deployed config names the exact checkpoint each model serves
+        print(f"{name}: {models[name]}")
     url = deploy(config)
     print(f"serving {', '.join(config['applications'][0]['args']['models'])} at {url} "
           f"(API docs: {url}/docs)", flush=True)

@@ -1,4 +1,4 @@
-"""The Serve config of the endpoint and deploying it, the same way `serve run CONFIG` does.
+"""The Serve config of the endpoint and deploying it, the same way `serve deploy CONFIG` does.
 
 `service_config(...)` is the single source of serve/raymed.yaml (and of the RayService's
 serveConfigV2); `raymed serve` builds its config with it and hands it to `deploy`.
@@ -25,19 +25,23 @@ EXAMPLE_MODELS = {
 def service_config(models: dict[str, str], *, host: str = "0.0.0.0", port: int = 8000, min_replicas: int = 1,
                    max_replicas: int = 4, target_ongoing_requests: int = 8, cpus_per_replica: float = 1.0,
                    gpus_per_replica: float = 0.0, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01,
-                   api_key_env: str | None = None, max_upload_mb: float = 256, max_generate: int = 64) -> dict:
+                   api_key_env: str | None = None, api_key_file: str | None = None, max_upload_mb: float = 256,
+                   max_generate: int = 64, max_voxels: int = 2**26, max_slices: int = 1024,
+                   max_float_mb: float = 256, request_timeout_s: float = 120) -> dict:
     """The Serve config (the schema of `serve run`/`serve deploy`) serving `models`.
 
     Every model gets its own deployment named after it, autoscaled between `min_replicas` and
     `max_replicas` on `target_ongoing_requests`, with the given CPUs/GPUs per replica and
-    per-slice batching (`user_config`, changeable on a running service).
+    per-slice batching (`user_config`, changeable on a running service). The API key is named
+    (a variable or a file on the nodes), never included.
     """
     if not 1 <= min_replicas <= max_replicas:
         raise ConfigError(f"replicas: need 1 <= min ({min_replicas}) <= max ({max_replicas})")
     if max_batch_size < 1 or batch_wait_timeout_s < 0:
         raise ConfigError("batching: max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
-    args = {"models": dict(models), "api_key_env": api_key_env, "max_upload_mb": max_upload_mb,
-            "max_generate": max_generate}
+    args = {"models": dict(models), "api_key_env": api_key_env, "api_key_file": api_key_file,
+            "max_upload_mb": max_upload_mb, "max_generate": max_generate, "max_voxels": max_voxels,
+            "max_slices": max_slices, "max_float_mb": max_float_mb, "request_timeout_s": request_timeout_s}
     parse_args(args)
     gateway = {"name": GATEWAY, "max_ongoing_requests": 256,
                "autoscaling_config": {"min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": 64},
@@ -51,7 +55,9 @@ def service_config(models: dict[str, str], *, host: str = "0.0.0.0", port: int =
         for name in models]
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": port},
+        # The gateway answers a slow request with a JSON 504 at request_timeout_s; the proxy's own
+        # timeout is the backstop should the gateway itself hang.
+        "http_options": {"host": host, "port": port, "request_timeout_s": request_timeout_s + 30},
         "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args,
                           "deployments": [gateway, *model_deployments]}],
     }
@@ -67,29 +73,40 @@ def base_url(config: dict) -> str:
 def deploy(config: dict, timeout_s: float = 600) -> str:
     """Deploy `config` on the connected Ray cluster (or a new local one) and wait until it answers.
 
-    This is what `serve run CONFIG` does: start Serve with the config's HTTP options, then have
-    the controller build every application from its import path and args. Returns the base URL.
+    This is what `serve deploy CONFIG` does: the config goes to Serve's REST API on the cluster's
+    dashboard, whose controller builds every application from its import path and args. Returns
+    the endpoint's base URL.
     """
     import ray
+    import requests
     from pydantic import ValidationError
-    from ray import serve
-    from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
+
+    from raymed.cluster.jobs import auth_headers
 
     try:
         schema = ServeDeploySchema.model_validate(config)
     except ValidationError as err:
         raise ConfigError(f"invalid Serve config: {err.errors()[0]['msg']}") from None
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
-    serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump())
-    client = _get_global_client()
-    running, wanted = client.http_config, schema.http_options
-    if (running.host, running.port) != (wanted.host, wanted.port):
-        raise ConfigError(f"Serve already runs on this Ray cluster at {running.host}:{running.port}, not "
-                          f"{wanted.host}:{wanted.port}: use that host/port, or stop it first (`serve shutdown`)")
-    started = time.time()
-    client.deploy_apps(schema)
+    context = ray.init(ignore_reinit_error=True, include_dashboard=True, log_to_driver=False)
+    dashboard = context.dashboard_url
+    if not dashboard:
+        raise ConfigError("this Ray cluster runs without its dashboard, which serves Serve's REST API: "
+                          "start Ray with the dashboard (`ray start --head --include-dashboard=true`)")
+    api = f"{dashboard if '://' in dashboard else 'http://' + dashboard}/api/serve/applications/"
+    headers = auth_headers(api)
+    try:
+        running = requests.get(api, headers=headers, timeout=30).json().get("http_options") or {}
+        wanted = schema.http_options
+        if running.get("host") and (running["host"], running["port"]) != (wanted.host, wanted.port):
+            raise ConfigError(f"Serve already runs on this Ray cluster at {running['host']}:{running['port']}, not "
+                              f"{wanted.host}:{wanted.port}: use that host/port, or stop it first (`serve shutdown`)")
+        started = time.time()
+        answer = requests.put(api, json=config, headers=headers, timeout=120)
+    except requests.RequestException as err:
+        raise RaymedError(f"Serve's REST API at {api} did not answer ({type(err).__name__})") from None
+    if answer.status_code != 200:
+        raise RaymedError(f"Serve refused the config: HTTP {answer.status_code} {_last_line(answer.text)}")
     deadline = time.monotonic() + timeout_s
     for app in schema.applications:
         wait_running(app.name, started, deadline)

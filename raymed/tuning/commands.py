@@ -50,6 +50,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="continue the interrupted sweep STORAGE/NAME with its saved settings")
     tune.set_defaults(run=run_tune)
 
+    study = sub.add_parser(
+        "study", help="studies made of many Ray Train runs (label-efficiency)",
+        description="label-efficiency: fine-tune RUN as a segmenter and train the same network from scratch on "
+                    "K labelled subjects for every K and seed (a grid of Ray Train runs that Ray Tune runs side "
+                    "by side), evaluate each on the test split, and plot Dice and AP against K with the "
+                    "unsupervised detector as a line (Holzschuh et al., MIDL 2023).")
+    study.add_argument("study", choices=("label-efficiency",), help="which study")
+    study.add_argument("pretrained", metavar="RUN", help="the pre-trained detector's run folder")
+    study.add_argument("--data", required=True, help="folder, manifest or s3:// URI with lesion labels")
+    study.add_argument("--labelled", nargs="+", default=["1", "2", "5", "10", "all"],
+                       help="labelled-subject counts K (default 1 2 5 10 all)")
+    study.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="draws of the K subjects (default 0 1 2)")
+    study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of every run, e.g. --set epochs=20")
+    study.add_argument("--workers-per-run", type=int, default=1, help="Ray Train workers per run (default 1)")
+    study.add_argument("--pattern", help="filename pattern for a flat folder, e.g. '{subject}_{modality}.nii.gz'")
+    study.add_argument("--storage", default="studies", help="local folder or s3://bucket/prefix (default ./studies)")
+    study.add_argument("--name", help="study name (default label-efficiency-YYYYmmdd-HHMMSS)")
+    study.set_defaults(run=run_study)
+
 
 def new_request(args: argparse.Namespace):
     from raymed.engine.commands import resolve_config
@@ -104,4 +124,18 @@ def run_tune(args: argparse.Namespace) -> int:
         print(f"sweep interrupted: continue with `raymed tune {request.method} --resume --name {request.name} "
               f"--storage {request.storage}`")
         return 130
+    return 0
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from raymed.engine.commands import parse_sets
+    from raymed.engine.finetune import parse_labelled
+    from raymed.tuning.study import markdown, run_study as study, study_request
+
+    request = study_request(args.pretrained, args.data, [parse_labelled(k) for k in args.labelled], args.seeds,
+                            args.storage, args.name or f"label-efficiency-{time.strftime('%Y%m%d-%H%M%S')}",
+                            parse_sets(args.set), args.workers_per_run, args.pattern)
+    table, detector = study(request, args.pretrained)
+    print(markdown(table, detector))
+    print(f"\nstudy: {request.uri} (label_efficiency.csv, label_efficiency.md, label_efficiency.png)")
     return 0

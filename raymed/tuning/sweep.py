@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import optuna
@@ -39,7 +37,6 @@ from raymed.methods.registry import build_config, method_class
 from raymed.tuning.driver import TIME_ATTR, run_trial
 from raymed.tuning.space import Param, corner_values, grid_points, param_space, parse_space
 
-logger = logging.getLogger(__name__)
 
 SEARCHERS = ("tpe", "random")
 SCHEDULERS = ("asha", "fifo")
@@ -173,47 +170,6 @@ def make_scheduler(request: SweepRequest):
                          reduction_factor=request.reduction_factor, stop_last_trials=False)
 
 
-def release_orphaned_placement_groups() -> int:
-    """Remove this job's placement groups whose creating actor is dead; returns how many.
-
-    ASHA stops a trial by ending its actor, and with it the Train controller that reserved the
-    workers' placement group; Ray keeps such a group reserved. Ray Train's PlacementGroupCleaner
-    removes it only where Ray's State API (the dashboard) answers. This applies the same rule
-    through the GCS tables, so a stopped trial's CPUs/GPUs go to the next trial on any cluster.
-    """
-    from ray._private import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    job = ray.get_runtime_context().get_job_id()
-    released = 0
-    for raw in state.state._connect_and_get_accessor().get_placement_group_table():
-        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (group.state == gcs_pb2.PlacementGroupTableData.REMOVED or group.is_detached
-                or group.creator_job_id.hex() != job or not group.creator_actor_id):
-            continue
-        creator = state.actors(group.creator_actor_id.hex())
-        if creator and creator["State"] == "DEAD":
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
-            released += 1
-    return released
-
-
-class ReleaseStoppedTrials(tune.Callback):
-    """Runs `release_orphaned_placement_groups` at most every `every_s` seconds of the Tune loop."""
-
-    def __init__(self, every_s: float = 2.0):
-        self.every_s = every_s
-        self.last = 0.0
-
-    def on_step_begin(self, iteration, trials, **info):
-        if time.monotonic() - self.last >= self.every_s:
-            self.last = time.monotonic()
-            released = release_orphaned_placement_groups()
-            if released:
-                logger.info("released the placement groups of %d stopped trial run(s)", released)
-
-
 def trial_dirname(trial) -> str:
     return trial.trial_id
 
@@ -252,7 +208,9 @@ def run_sweep(request: SweepRequest, resume: bool = False) -> "SweepReport":
                                config=build_config(request.method, request.base), name=request.name,
                                workers=request.workers_per_trial))
     if not ray.is_initialized():
-        ray.init()
+        # The dashboard hosts Ray's State API, which Ray Train's placement-group cleaner needs to
+        # release the workers of a trial that ASHA stopped.
+        ray.init(include_dashboard=True)
     storage_path, storage_fs = ray_storage(request.storage)
     path = join(storage_path, request.name)
     if resume:
@@ -273,8 +231,7 @@ def run_sweep(request: SweepRequest, resume: bool = False) -> "SweepReport":
                 scheduler=make_scheduler(request), num_samples=request.trials,
                 max_concurrent_trials=request.max_concurrent or default_concurrency(request),
                 trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=request.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                      callbacks=[ReleaseStoppedTrials()]),
+            run_config=tune.RunConfig(name=request.name, storage_path=storage_path, storage_filesystem=storage_fs),
         )
     try:
         tuner.fit()
@@ -403,7 +360,10 @@ def report(request: SweepRequest) -> SweepReport:
     best = None
     if row is not None:
         params = {key: _plain(row[key]) for key in request.space}
-        config = build_config(request.method, request.base, params)
+        trained = join(request.uri, "train", row["trial"], "config.yaml")
+        # the config the trial trained with (modalities pinned); the sampled keys on the base otherwise
+        config = (build_config(request.method, yaml.safe_load(read_bytes(trained))["config"]) if exists(trained)
+                  else build_config(request.method, request.base, params))
         write_bytes_atomic(join(request.uri, "best_config.yaml"),
                            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
         best = {"trial": row["trial"], "status": row["status"], "metric": request.metric, "value": float(row[request.metric]),
