@@ -181,18 +181,18 @@ def test_demo_runs_end_to_end_on_ray(ray_session, tmp_path):
 
         serve.shutdown()  # the demo's endpoint lives on the shared Ray instance
     assert proc.returncode == 0, proc.stderr[-3000:]
-    served = proc.stdout[proc.stdout.index("serving ae at"):]
+    served = proc.stdout[proc.stdout.index("serving dae at"):]
     # apart from the step headers, progress lines and results, nothing (no Ray internals) is printed
-    shown = re.compile(r"(\[[1-4]/4\] |\[reconstruct\] epoch \d+/2 |      pixel |ae  |threshold  |report: |$)")
-    unexpected = [line for line in proc.stdout[:proc.stdout.index("serving ae at")].splitlines() if not shown.match(line)]
-    assert not unexpected and "[reconstruct] epoch 2/2" in proc.stdout, unexpected
+    shown = re.compile(r"(\[[1-4]/4\] |\[denoise\] epoch \d+/2 |      pixel |dae  |threshold  |report: |$)")
+    unexpected = [line for line in proc.stdout[:proc.stdout.index("serving dae at")].splitlines() if not shown.match(line)]
+    assert not unexpected and "[denoise] epoch 2/2" in proc.stdout, unexpected
     assert f"http://127.0.0.1:{port}" in served and '"score"' in served and '"slice_scores"' in served
     assert "building the demo cohort" in proc.stdout
     report = tmp_path / "runs" / "d" / "evaluation" / "test" / "report.md"
     assert f"report: {report}" in proc.stdout and report.exists()
     assert (tmp_path / "runs" / "d" / "metrics.jsonl").exists()  # the run's log is in the run, whatever Ray's cwd
-    assert [line.split()[0] for line in proc.stdout.splitlines() if "AUROC" in line] == ["ae", "threshold"]
+    assert [line.split()[0] for line in proc.stdout.splitlines() if "AUROC" in line] == ["dae", "threshold"]
     assert load_threshold(resolve(str(tmp_path / "runs" / "d")))["split"] == "val"
     metrics = json.loads((report.parent / "metrics.json").read_text())
-    assert metrics["results"]["ae"]["postprocess"] == ["median filter k=5 (2D)"]
-    assert all((report.parent / name).exists() for name in FIGURES)
+    assert metrics["results"]["dae"]["postprocess"] == ["median filter k=5 (2D)", "brain mask eroded by 2 voxel(s)"]
+    assert all((report.parent / name.replace("_ae", "_dae")).exists() for name in FIGURES)

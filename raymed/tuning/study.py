@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from raymed.data.io import join, write_bytes_atomic
 from raymed.engine.checkpoint import resolve
 from raymed.engine.finetune import finetune_config
+from raymed.errors import RaymedError
 from raymed.evaluation.evaluate import evaluate, open_target
 from raymed.tuning.sweep import SweepRequest, run_sweep
 
@@ -57,7 +58,8 @@ def run_study(request: SweepRequest, pretrained: str, progress=print) -> tuple[p
     report = run_sweep(request)
     rows = []
     for _, trial in report.table.iterrows():
-        if trial["status"] != "finished":
+        if trial["status"] != "completed":
+            progress(f"{trial['trial']}: {trial['status']}, left out of the study")
             continue
         run = join(request.uri, "train", trial["trial"])
         progress(f"evaluating {trial['trial']} on the test split")
@@ -66,6 +68,8 @@ def run_study(request: SweepRequest, pretrained: str, progress=print) -> tuple[p
         k = "all" if labelled is None or (isinstance(labelled, float) and np.isnan(labelled)) else int(labelled)
         rows.append({"k": k, "init": init, "seed": int(trial["labelled_seed"]), "run": run,
                      **test_metrics(run, request.source, join(run, "evaluation", "test"))})
+    if not rows:
+        raise RaymedError(f"study {request.uri}: no run finished (see trials.csv)")
     table = pd.DataFrame(rows)
     detector = test_metrics(pretrained, request.source, join(request.uri, "detector-test"))
     write_bytes_atomic(join(request.uri, "label_efficiency.csv"), table.to_csv(index=False).encode())
