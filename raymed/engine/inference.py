@@ -28,7 +28,7 @@ class VolumeMap:
 @torch.no_grad()
 def map_prepared(method: Method, prepared: Prepared, batch_size: int = 32) -> VolumeMap:
     """Run `method.anomaly_map` over every axial slice; zero outside the mask."""
-    device = next(method.nets.parameters(), torch.empty(0)).device  # methods without nets run on CPU
+    device = method.device  # methods without nets run on CPU
     image = np.moveaxis(prepared.image, -1, 0)  # (Z, C, X, Y)
     maps, scores = [], []
     for start in range(0, len(image), batch_size):

@@ -79,10 +79,10 @@ class AnomalyValidation:
                 if not skip_bad:
                     raise
         self.bins = bins
+        configure(method, method.config.postprocess)  # the residual's sign, once
 
     @torch.no_grad()
     def __call__(self, method: Method) -> dict:
-        configure(method, method.config.postprocess)
         scored = []
         for prepared in self.prepared:
             amap = smooth_map(map_prepared(method, prepared).map, prepared.mask, method.config.postprocess)

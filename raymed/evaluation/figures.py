@@ -50,7 +50,7 @@ def slice_grid(method: Method, best: list[Example], worst: list[Example], thresh
         ax.text(0.5, 0.5, "no lesion slices in this split", ha="center", va="center")
         ax.axis("off")
         return _png(fig)
-    device = next(method.nets.parameters(), torch.empty(0)).device
+    device = method.device
     batch = torch.from_numpy(np.stack([e.image for _, e in rows])).to(device)
     recon = method.reconstruction(batch)
     recon = recon.float().cpu().numpy() if recon is not None else None

@@ -154,7 +154,7 @@ def _reconstruction_fidelity(method: Method, prepared: Prepared, healthy: np.nda
     index = np.flatnonzero(healthy)[:limit]
     if not len(index):
         return None
-    device = next(method.nets.parameters(), torch.empty(0)).device
+    device = method.device
     image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(prepared.image[..., index], -1, 0))).to(device)
     recon = [method.reconstruction(image[i:i + batch_size]) for i in range(0, len(image), batch_size)]
     if recon[0] is None:
