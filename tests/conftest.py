@@ -131,7 +131,8 @@ def ray_session(s3_server):
 TINY = {"data.size": 32, "train.batch_size": 8}
 TINY_NETS = {"ae": {"channels": [8, 16], "latent_size": 16}, "vae": {"channels": [8, 16], "latent_size": 16},
              "fanogan": {"channels": [8, 16, 32], "latent_size": 16},
-             "dae": {"channels": [8, 16, 32], "norm_groups": 4, "noise_res": 8}}
+             "dae": {"channels": [8, 16, 32], "norm_groups": 4, "noise_res": 8},
+             "pas": {"channels": [8, 16, 32], "res_units": 1}}
 
 
 def tiny_config(method: str, **overrides):

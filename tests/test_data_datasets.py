@@ -161,3 +161,28 @@ def test_nan_volume_and_empty_mask(tmp_path):
     report = []
     slices = load_slices(list(cases.values()), Preprocessing(size=8), skip_bad=True, report=report.append)
     assert len(slices) == 0 and len(report) == 2
+
+
+def test_ct_window_and_organ_mask(tmp_path):
+    """CT in Hounsfield units: a liver window maps [-100, 200] HU to [0, 1]; the organ mask file
+    is the foreground (not the body found from intensities)."""
+    hu = np.full((16, 16, 4), -1000.0, np.float32)  # air
+    hu[2:14, 2:14] = 40.0  # soft tissue
+    hu[4:10, 4:10] = 100.0  # liver
+    hu[6:8, 6:8] = 400.0  # contrast-filled vessel, above the window
+    organ = np.zeros(hu.shape, np.uint8)
+    organ[4:10, 4:10] = 1
+    write_volume(str(tmp_path / "p_ct.nii.gz"), hu, AFFINE)
+    write_volume(str(tmp_path / "p_mask.nii.gz"), organ, AFFINE)
+    (case,) = discover(str(tmp_path), pattern="{subject}_{modality}.nii.gz")
+    prepared = prepare(case, Preprocessing(size=16, window=(-100, 200)))
+    assert (prepared.mask == organ.astype(bool)).all()
+    values, liver = prepared.image[0], prepared.mask & (hu < 200)
+    assert np.allclose(values[liver], (100 + 100) / 300) and np.allclose(values[hu > 200], 1.0)
+    assert (values[~prepared.mask] == 0).all()
+    # without an organ mask, the body is what lies inside the window's range
+    case.mask = None
+    body = prepare(case, Preprocessing(size=16, window=(-100, 200))).mask
+    assert body[2:14, 2:14].all() and not body[0].any()
+    with pytest.raises(ValueError, match="upper bound"):
+        Preprocessing(window=(200, -100))

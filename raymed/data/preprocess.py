@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, ResampleToMatch, Resize, ScaleIntensityRange
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from scipy import ndimage
 
 from raymed.data.discovery import Case
@@ -31,6 +31,16 @@ class Preprocessing(BaseModel):
     slices: int | None = None  # number of axial slices after resizing; None keeps the count
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
+    # CT: a fixed intensity window [low, high] (HU, e.g. a liver window [-100, 200]) mapped to
+    # [0, 1] in place of the percentile scaling; with an organ mask file it is the foreground.
+    window: tuple[float, float] | None = None
+
+    @field_validator("window")
+    @classmethod
+    def window_ascends(cls, window):
+        if window is not None and window[1] <= window[0]:
+            raise ValueError(f"window {list(window)}: the upper bound must be above the lower one")
+        return window
 
 
 @dataclass
@@ -119,6 +129,26 @@ def normalise(image: np.ndarray, mask: np.ndarray, lower: float, upper: float, n
     return out
 
 
+def apply_window(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    """CT windowing: [low, high] (HU) → [0, 1], clipped outside."""
+    return np.asarray(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image),
+                      dtype=np.float32)
+
+
+def scale_intensities(image: np.ndarray, mask: np.ndarray | None, settings: Preprocessing,
+                      name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image in [0, 1], foreground): the CT window or the percentile scaling; the foreground is
+    `mask` when given, else found from the (windowed) image."""
+    if settings.window is not None:
+        image = apply_window(image, *settings.window)
+    mask = mask if mask is not None else foreground_mask(image)
+    if settings.window is None:
+        return normalise(image, mask, settings.lower_percentile, settings.upper_percentile, name), mask
+    if not mask.any():
+        raise DataError(f"{name}: body/organ mask is empty")
+    return image * mask, mask
+
+
 def read_tissue(case: Case, reference: Volume, reference_name: str) -> np.ndarray:
     """The case's tissue probability maps (T, X, Y, Z), e.g. the demo cohort's gm/wm/csf files."""
     missing = [t for t in TISSUES if t not in case.extras]
@@ -175,8 +205,7 @@ def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, na
         maps = Resize(target, mode="trilinear")(maps) if tuple(maps.shape[1:]) != target else maps
         tissue_out = np.clip(np.asarray(maps, dtype=np.float32), 0, 1)
     label_out = follow(label)
-    mask_out = follow(mask) if mask is not None else foreground_mask(array)
-    array = normalise(array, mask_out, settings.lower_percentile, settings.upper_percentile, name)
+    array, mask_out = scale_intensities(array, follow(mask), settings, name)
     return Prepared(
         subject=subject,
         image=array,

@@ -18,6 +18,7 @@ METHODS = {
     "fanogan": "raymed.methods.fanogan:FAnoGAN",
     "threshold": "raymed.methods.threshold:IntensityThreshold",
     "dae": "raymed.methods.dae:DenoisingAutoEncoder",
+    "pas": "raymed.methods.pas:PseudoAnomalySynthesis",
 }
 
 

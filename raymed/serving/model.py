@@ -16,7 +16,7 @@ from monai.transforms import Resize
 from ray import serve
 
 from raymed.data.io import join, read_bytes
-from raymed.data.preprocess import Prepared, foreground_mask, normalise, prepare_image, to_source_grid
+from raymed.data.preprocess import Prepared, prepare_image, scale_intensities, to_source_grid
 from raymed.engine.checkpoint import META_FILE, load_method
 from raymed.engine.inference import VolumeMap
 from raymed.errors import DataError
@@ -33,11 +33,10 @@ VOLUMES_AT_ONCE = 2  # uploads decoded and preprocessed at the same time on one 
 
 
 def prepare_slice(image: np.ndarray, settings) -> tuple[np.ndarray, np.ndarray]:
-    """A (C, H, W) slice resized to the training size, masked and percentile-normalised like a volume."""
+    """A (C, H, W) slice resized to the training size, masked and scaled (window or percentiles) like a volume."""
     size = (settings.size, settings.size)
     resized = np.asarray(Resize(size, mode="bilinear")(image), dtype=np.float32) if image.shape[1:] != size else image
-    mask = foreground_mask(resized)
-    return normalise(resized, mask, settings.lower_percentile, settings.upper_percentile, "upload"), mask
+    return scale_intensities(resized, None, settings, "upload")
 
 
 @serve.deployment(max_ongoing_requests=64, user_config=DEFAULT_BATCH,
