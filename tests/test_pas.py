@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from raymed.engine import checkpoint
 from raymed.engine.trainer import TrainRequest, train as train_run
+from raymed.errors import ConfigError
 from raymed.evaluation.metrics import pixel_metrics
 from raymed.methods.pas import PseudoAnomalySynthesis
 from raymed.methods.registry import build_config
@@ -95,8 +96,10 @@ def test_config_keys_and_phases():
     assert (segment.name, segment.trained, segment.frozen) == ("segment", ["segmentation"], ["reconstruction"])
     assert segment.early_stopping.patience == c.patience and segment.metric == "val/auprc"
     (joint,) = pas(schedule="joint", reconstruction_epochs=4, segmentation_epochs=3).phases()
-    assert joint.trained == ["reconstruction", "segmentation"] and joint.epochs == 7
+    assert joint.trained == ["reconstruction", "segmentation"] and joint.epochs == 7 and joint.early_stopping is None
     assert {"l2", "ssim", "focal"} <= set(pas(schedule="joint").joint_loss(brains(4, 0))[1])
+    with pytest.raises(ConfigError, match="c_min=0.6 must be below c_max=0.5"):
+        pas(c_min=0.6)
 
 
 @pytest.mark.parametrize("synthesis", ["random", "perlin"])

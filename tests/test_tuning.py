@@ -1,6 +1,7 @@
 """Search spaces and sweep settings, without Ray: parsing, validation against Configs, grids."""
 
 import os
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -11,7 +12,7 @@ from raymed.cli import main
 from raymed.errors import ConfigError, DataError
 from raymed.methods.registry import METHODS, build_config
 from raymed.tuning.space import TUNING_FREE, grid_points, load_space, param_space, parse_space
-from raymed.tuning.sweep import SweepRequest, epoch_budget, make_searcher, run_sweep, study_file
+from raymed.tuning.sweep import SweepRequest, epoch_budget, make_searcher, run_sweep, study_file, trial_status
 
 SPACES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tune_spaces")
 
@@ -147,3 +148,13 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("raymed: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_trial_its_own_early_stopping_ended_is_completed_not_stopped():
+    """Tune's view of a trial: ASHA's stop and a run's own early stop both end before the last
+    epoch; only the run that finished (wrote result.json) counts as completed."""
+    ended_early = SimpleNamespace(status="TERMINATED", last_result={"epochs_left": 4})
+    assert trial_status(ended_early, finished=True) == "completed"
+    assert trial_status(ended_early, finished=False) == "stopped"
+    assert trial_status(SimpleNamespace(status="TERMINATED", last_result={"epochs_left": 0}), False) == "completed"
+    assert trial_status(SimpleNamespace(status="ERROR", last_result={}), True) == "error"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import FocalLoss, SSIMLoss
 from monai.networks.nets import UNet
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raymed.methods.base import EarlyStopping, Method, MethodConfig, OptimizerSpec, Phase, PhaseData, Update
 from raymed.synthesis.pseudo_anomaly import (intensity_shift, odd, perlin_mask, random_shape_mask,
@@ -55,6 +55,12 @@ class PseudoAnomalyConfig(MethodConfig):
     patience: int = Field(3, ge=1, description="validations without a better val AUPRC before the segmentation "
                                                "phase stops; its best weights are kept")
     score_pool: int = Field(11, ge=1, description="average-pool kernel at 128² for the image score (DRAEM: 21 at 256²)")
+
+    @model_validator(mode="after")
+    def intensity_range_ascends(self):
+        if self.c_min >= self.c_max:
+            raise ValueError(f"c_min={self.c_min} must be below c_max={self.c_max}")
+        return self
 
     def kernel(self, k: int) -> int:
         return odd(k * self.data.size / REFERENCE_SIZE)
@@ -133,17 +139,16 @@ class PseudoAnomalySynthesis(Method):
     def phases(self):
         c = self.config
         data = PhaseData(fields=("image", "mask"))
-        stop = EarlyStopping(patience=c.patience)
         if c.schedule == "joint":
             both = {"adam": OptimizerSpec(["reconstruction", "segmentation"], lr=c.lr)}
-            return [Phase("joint", c.reconstruction_epochs + c.segmentation_epochs, both, [Update("adam", self.joint_loss)], data=data,
-                          early_stopping=stop)]
+            return [Phase("joint", c.reconstruction_epochs + c.segmentation_epochs, both,
+                          [Update("adam", self.joint_loss)], data=data)]  # DRAEM: no early stopping
         return [
             Phase("reconstruct", c.reconstruction_epochs, {"adam": OptimizerSpec(["reconstruction"], lr=c.lr)},
                   [Update("adam", self.reconstruction_loss)], data=data, validation=None),
             Phase("segment", c.segmentation_epochs, {"adam": OptimizerSpec(["segmentation"], lr=c.lr)},
                   [Update("adam", self.segmentation_loss)], frozen=["reconstruction"], data=data,
-                  early_stopping=stop),
+                  early_stopping=EarlyStopping(patience=c.patience)),
         ]
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from raymed.console import start_ray
 from raymed.data.io import exists, join, read_bytes, write_bytes_atomic
 from raymed.engine.storage import ray_storage, storage_uri
 from raymed.engine.trainer import TrainRequest, absolute, preflight
@@ -207,10 +208,9 @@ def run_sweep(request: SweepRequest, resume: bool = False) -> "SweepReport":
         preflight(TrainRequest(method=request.method, source=request.source, pattern=request.pattern,
                                config=build_config(request.method, request.base), name=request.name,
                                workers=request.workers_per_trial))
-    if not ray.is_initialized():
-        # The dashboard hosts Ray's State API, which Ray Train's placement-group cleaner needs to
-        # release the workers of a trial that ASHA stopped.
-        ray.init(include_dashboard=True)
+    # The dashboard hosts Ray's State API, which Ray Train's placement-group cleaner needs to
+    # release the workers of a trial that ASHA stopped.
+    start_ray(include_dashboard=True)
     storage_path, storage_fs = ray_storage(request.storage)
     path = join(storage_path, request.name)
     if resume:
@@ -247,13 +247,14 @@ class SweepReport:
     interrupted: bool  # some trials have not finished (continue with --resume)
 
 
-def trial_status(trial) -> str:
-    """completed / stopped (by ASHA, before its last epoch) / error / unfinished."""
+def trial_status(trial, finished: bool) -> str:
+    """completed (its Train run `finished`, after its last epoch or stopped early by its own
+    rule) / stopped (by ASHA) / error / unfinished."""
     if trial.status == "ERROR":
         return "error"
     if trial.status != "TERMINATED":
         return "unfinished"
-    return "completed" if (trial.last_result or {}).get("epochs_left") == 0 else "stopped"
+    return "completed" if finished or (trial.last_result or {}).get("epochs_left") == 0 else "stopped"
 
 
 def trial_error(request: SweepRequest, trial_id: str) -> str:
@@ -268,7 +269,7 @@ def trials_table(request: SweepRequest) -> pd.DataFrame:
     rows = []
     for trial in sorted(analysis.trials, key=lambda t: int(t.experiment_tag.split("_")[0])):
         last = trial.last_result or {}
-        status = trial_status(trial)
+        status = trial_status(trial, exists(join(request.uri, "train", trial.trial_id, "result.json")))
         rows.append({
             "trial": trial.trial_id, "status": status, "epochs": last.get(TIME_ATTR, 0),
             request.metric: last.get(request.metric, math.nan),
