@@ -14,7 +14,7 @@ from raymed.evaluation.metrics import pixel_metrics
 from raymed.methods.pas import PseudoAnomalySynthesis
 from raymed.methods.registry import build_config
 from raymed.synthesis.pseudo_anomaly import ellipse, intensity_shift, perlin_mask, perlin_noise, random_shape_mask, synthesize
-from tests.conftest import TINY, TINY_NETS
+from tests.conftest import tiny_config
 from tests.phantoms import brains, train
 
 
@@ -23,7 +23,7 @@ def seeded(seed: int) -> torch.Generator:
 
 
 def pas(**overrides) -> PseudoAnomalySynthesis:
-    return PseudoAnomalySynthesis(build_config("pas", overrides={**TINY, **TINY_NETS["pas"], **overrides}), 1)
+    return PseudoAnomalySynthesis(tiny_config("pas", **overrides), 1)
 
 
 # -- masks and synthesis ----------------------------------------------------------------------
@@ -129,8 +129,7 @@ def test_trained_on_pseudo_anomalies_it_finds_real_lesions(synthesis):
 # -- on Ray Train -----------------------------------------------------------------------------
 
 def test_two_phases_on_two_workers_freeze_the_reconstruction(ray_session, demo_cohort, tmp_path):
-    config = build_config("pas", overrides={**TINY, **TINY_NETS["pas"], "reconstruction_epochs": 3,
-                                            "segmentation_epochs": 2, "lr": 1e-3})
+    config = tiny_config("pas", reconstruction_epochs=3, segmentation_epochs=2, lr=1e-3)
     result = train_run(TrainRequest(method="pas", source=str(demo_cohort), config=config, name="run",
                                     storage=str(tmp_path), workers=2, keep_checkpoints=10))
     assert result.error is None

@@ -27,6 +27,7 @@ from raymed.synthesis.pseudo_anomaly import (intensity_shift, odd, perlin_mask, 
                                              synthesize)
 
 REFERENCE_SIZE = 128  # kernel sizes are given at 128² and scale with the slice size
+SSIM = SSIMLoss(spatial_dims=2, data_range=1.0)  # images in [0, 1]
 
 
 class PseudoAnomalyConfig(MethodConfig):
@@ -131,7 +132,7 @@ class PseudoAnomalySynthesis(Method):
         corrupted, region = self.corrupt(batch)
         restored = self.nets["reconstruction"](corrupted)
         l2 = F.mse_loss(restored, image)
-        ssim = SSIMLoss(spatial_dims=2, data_range=1.0)(restored, image)
+        ssim = SSIM(restored, image)
         focal = self.focal(self.segment(corrupted, restored), region.unsqueeze(1).float())
         loss = l2 + ssim + focal
         return loss, {"l2": l2.item(), "ssim": ssim.item(), "focal": focal.item()}

@@ -3,7 +3,7 @@
 Random-shape masks follow Algorithm 1 of Zhang, Deng and Li ("Unsupervised Liver Tumor
 Segmentation with Pseudo Anomaly Synthesis"): blurred white noise, rescaled to (0, 255),
 thresholded, then opened and closed with an elliptical kernel, so blobs of any shape and number
-appear and some masks come out empty. Perlin masks are DRAEM's (Zayed et al., ICCV 2021):
+appear and some masks come out empty. Perlin masks are DRAEM's (Zavrtanik et al., ICCV 2021):
 thresholded Perlin noise at a random lattice scale. The synthesis is theirs too:
 I_s = M ⊙ (I + C) + (1 − M) ⊙ I with |C| drawn from a Gaussian restricted to (c_min, c_max).
 
@@ -48,6 +48,8 @@ def ellipse(size: int) -> torch.Tensor:
     return ((yy / (r + 0.5)) ** 2 + (xx / (r + 0.5)) ** 2 <= 1).float()
 
 
+# Erosion and dilation by convolution with the element: the algorithm asks for an elliptical
+# element, and MONAI's morphological ops (utils_morphological_ops) take square filters only.
 def _hits(mask: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
     pad = element.shape[0] // 2
     return F.conv2d(mask.float()[None, None], element[None, None].to(mask.device), padding=pad)[0, 0]
