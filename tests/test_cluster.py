@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import psutil
 import pytest
+import yaml
 
 from raymed.cluster.jobs import (ClusterError, auth_headers, build_runtime_env, entrypoint, is_loopback, parse_env,
                                  resolve_address)
@@ -125,48 +126,39 @@ def train_args(data: str, storage: str, name: str, *extra: str) -> list[str]:
     return ["train", "ae", "--data", data, "--storage", storage, "--name", name, *TINY_AE, *extra]
 
 
-def test_submit_trains_on_the_cluster_and_streams_its_logs(head, demo_cohort, tmp_path):
-    """The job runs in the uploaded --working-dir: its data folder is given relative to it."""
+def test_submit_trains_on_s3_data_with_a_config_from_its_working_dir(head, demo_cohort, s3_bucket, tmp_path):
+    """The job reads its config file from the uploaded --working-dir and its data from S3, and
+    writes its checkpoints to S3; the S3 endpoint and credentials reach it through --env only
+    (the head has none)."""
     working_dir = tmp_path / "project"
-    shutil.copytree(demo_cohort, working_dir / "cohort")
-    storage = str(tmp_path / "runs")
-    done = head.check(head.raymed("submit", "--address", head.address, "--working-dir", str(working_dir),
-                                  "--job-id", "local-train", "--",
-                                  *train_args("cohort", storage, "ae-job", "--set", "epochs=1")))
-    assert "epoch 1/1" in done.stdout  # the run's progress, streamed from the cluster while it ran
-    assert f"run: {storage}/ae-job" in done.stdout
-    assert done.stderr.strip().endswith("job local-train SUCCEEDED")
-    summary = json.load(open(tmp_path / "runs" / "ae-job" / "result.json"))
-    assert os.path.isfile(os.path.join(summary["best_checkpoint"], "state.pt"))
-
-    # an explicit --address wins over a RAY_ADDRESS that points elsewhere
-    status = head.check(head.raymed("jobs", "status", "local-train", "--address", head.address,
-                                    env=head.env(RAY_ADDRESS="http://127.0.0.1:9")))
-    assert "local-train: SUCCEEDED" in status.stdout
-    listed = head.check(head.raymed("jobs", "list", "--address", head.address))
-    assert listed.stdout.startswith("JOB ID")
-    row = next(line for line in listed.stdout.splitlines() if line.startswith("local-train "))
-    assert "SUCCEEDED" in row and "raymed train ae" in row
-    logs = head.check(head.raymed("jobs", "logs", "local-train", "--address", head.address))
-    assert "best checkpoint:" in logs.stdout
-
-
-def test_submit_with_data_and_checkpoints_on_s3(head, demo_cohort, s3_bucket):
-    """S3 endpoint and credentials reach the job through --env only (the head has none)."""
+    working_dir.mkdir()
+    (working_dir / "tiny.yaml").write_text(yaml.safe_dump(
+        {"data": {"size": 32}, "train": {"batch_size": 8}, "channels": [8, 16], "latent_size": 16, "epochs": 1}))
     upload_folder(demo_cohort, f"{s3_bucket}/cohort")
     storage = f"{s3_bucket}/runs"
-    submitted = head.raymed("submit", "--address", head.address, "--no-wait", *[a for n in S3_SETTINGS
-                            for a in ("--env", n)], "--", *train_args(f"{s3_bucket}/cohort", storage, "ae-s3",
-                                                                      "--set", "epochs=1"))
-    head.check(submitted)
+    submitted = head.check(head.raymed(
+        "submit", "--address", head.address, "--working-dir", str(working_dir), "--no-wait",
+        *[a for n in S3_SETTINGS for a in ("--env", n)], "--",
+        "train", "ae", "--data", f"{s3_bucket}/cohort", "--storage", storage, "--name", "ae-job", "--config", "tiny.yaml"))
     job_id = submitted.stdout.strip()
     assert job_id.startswith("raymed-train-")
-    head.check(head.raymed("jobs", "logs", job_id, "--follow", "--address", head.address))
+    logs = head.check(head.raymed("jobs", "logs", job_id, "--follow", "--address", head.address))
+    assert "epoch 1/1" in logs.stdout and "best checkpoint:" in logs.stdout
+    assert f"run: {storage}/ae-job" in logs.stdout
     from raymed.data.io import exists, join, read_bytes
 
-    summary = json.loads(read_bytes(f"{storage}/ae-s3/result.json"))
-    assert summary["best_checkpoint"].startswith(f"{storage}/ae-s3/checkpoint_")
+    summary = json.loads(read_bytes(f"{storage}/ae-job/result.json"))
+    assert summary["best_checkpoint"].startswith(f"{storage}/ae-job/checkpoint_")
     assert exists(join(summary["best_checkpoint"], "state.pt"))
+
+    # an explicit --address wins over a RAY_ADDRESS that points elsewhere
+    status = head.check(head.raymed("jobs", "status", job_id, "--address", head.address,
+                                    env=head.env(RAY_ADDRESS="http://127.0.0.1:9")))
+    assert f"{job_id}: SUCCEEDED" in status.stdout
+    listed = head.check(head.raymed("jobs", "list", "--address", head.address))
+    assert listed.stdout.startswith("JOB ID")
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(f"{job_id} "))
+    assert "SUCCEEDED" in row and "raymed train ae" in row
 
 
 def test_jobs_stop_stops_a_running_training(head, demo_cohort, tmp_path):

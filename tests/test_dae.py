@@ -1,11 +1,11 @@
 """The DAE's science at tiny size: coarse noise, denoising, few-label segmentation, head swap."""
 
-import subprocess
-import sys
+import json
 
 import pytest
 import torch
 
+from raymed.cli import main
 from raymed.engine import checkpoint
 from raymed.errors import ConfigError, DataError
 from raymed.methods.dae import DenoisingAutoEncoder
@@ -138,6 +138,32 @@ def test_segmenter_outputs_probabilities_and_finds_blobs():
     assert metrics["loss"][1] == 16 and metrics["loss"][0] > 0
 
 
+def test_multi_class_segmenter_tells_core_from_rim():
+    """classes=[1, 2]: a three-class head, per-class validation Dice, label maps in the files'
+    numbering; a class left out of `classes` is background."""
+    torch.manual_seed(0)
+    method = dae(task="segment", classes=[1, 2])
+    assert method.classes == (1, 2) and method.nets["segment_head"].conv.conv.out_channels == 3
+    train(method, method.segmentation_loss, brains(16, 0, blobs=True, rim=True), steps=60)
+    held_out = brains(16, 1, blobs=True, rim=True)
+    labels = method.label_map(held_out["image"])
+    assert labels.shape == (16, 32, 32) and set(labels.unique().tolist()) <= {0, 1, 2}
+    metrics = method.validate(held_out)
+    for value in (1, 2):
+        overlap, total = metrics[f"dice_{value}"]
+        share = (held_out["label"] == value).float().mean().item()
+        assert overlap / total > 0.5 > 4 * share, (value, overlap / total)
+    amap, _ = method.anomaly_map(held_out["image"])  # 1 − p(background): any class is lesion
+    lesion = held_out["label"] > 0
+    assert amap[lesion].mean() > 0.5 > amap[~lesion].mean()
+    only_rim = dae(task="segment", classes=[2])
+    assert only_rim.target(held_out).unique().tolist() == [0, 1]
+    assert torch.equal(only_rim.target(held_out)[:, 0] == 1, held_out["label"] == 2)
+    assert set(only_rim.label_map(held_out["image"]).unique().tolist()) <= {0, 2}
+    with pytest.raises(ConfigError, match="distinct label values"):
+        build_config("dae", overrides={"classes": [0, 1]})
+
+
 def test_fine_tuning_loads_the_unet_and_keeps_a_fresh_head(tmp_path):
     # two channels: as many as the segmentation's classes, so only the head's name keeps it apart
     torch.manual_seed(0)
@@ -158,37 +184,48 @@ def test_fine_tuning_loads_the_unet_and_keeps_a_fresh_head(tmp_path):
     assert not torch.equal(scratch.nets["unet"].state_dict()[first], pretrained.nets["unet"].state_dict()[first])
 
 
-def test_finetune_starts_from_the_pretrained_weights_and_scratch_does_not(trained_run, demo_cohort, tmp_path):
-    """`raymed finetune` with a vanishing lr: the UNet still holds the detector's weights after
-    training; `--from-scratch` holds its own. Both write ordinary run folders (segmenters)."""
+def unet_moved(model, detector) -> float:
+    first = next(iter(detector.nets["unet"].state_dict()))
+    return float((model.nets["unet"].state_dict()[first] - detector.nets["unet"].state_dict()[first]).abs().max())
+
+
+def test_finetune_starts_from_the_pretrained_weights(trained_run, demo_cohort, tmp_path):
+    """`raymed finetune --classes` with a vanishing lr: the UNet still holds the detector's weights
+    after training, under a fresh three-class head; the run is an ordinary run folder."""
     pretrained = trained_run("dae")
     detector, _ = checkpoint.load_method(pretrained)
-    runs = {}
-    for name, extra in (("tuned", []), ("scratch", ["--from-scratch"])):
-        args = [sys.executable, "-m", "raymed.cli", "finetune", pretrained, "--data", str(demo_cohort),
-                "--labelled", "1", "--storage", str(tmp_path), "--name", name, "--set", "epochs=1",
-                "--set", "lr=1e-9", *extra]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        runs[name], _ = checkpoint.load_method(str(tmp_path / name))
-    first = next(iter(detector.nets["unet"].state_dict()))
-    for name, model in runs.items():
-        assert model.config.task == "segment" and "segment_head" in model.nets
-        moved = (model.nets["unet"].state_dict()[first] - detector.nets["unet"].state_dict()[first]).abs().max()
-        assert (moved < 1e-6) == (name == "tuned"), (name, float(moved))
-    probability, _ = runs["tuned"].anomaly_map(torch.rand(2, detector.in_channels, 32, 32))
+    assert main(["finetune", pretrained, "--data", str(demo_cohort), "--labelled", "1", "--classes", "1", "2",
+                 "--storage", str(tmp_path), "--name", "tuned", "--set", "epochs=1", "--set", "lr=1e-9"]) == 0
+    model, _ = checkpoint.load_method(str(tmp_path / "tuned"))
+    assert model.config.task == "segment" and model.classes == (1, 2)
+    assert model.nets["segment_head"].conv.conv.out_channels == 3 and unet_moved(model, detector) < 1e-6
+    probability, _ = model.anomaly_map(torch.rand(2, detector.in_channels, 32, 32))
     assert float(probability.min()) >= 0 and float(probability.max()) <= 1
 
 
 def test_label_efficiency_study_runs_the_grid_and_plots(trained_run, demo_cohort, tmp_path):
-    """K × {fine-tuned, scratch} as Tune trials, each evaluated on test, with the detector's line."""
+    """K × {fine-tuned, scratch} as Tune trials, each evaluated on test, with the detector's line;
+    multi-class, so with the per-class Dice too. With a vanishing lr, only the scratch run's UNet
+    differs from the detector's."""
     from raymed.tuning.study import run_study, study_request
 
     pretrained = trained_run("dae")
-    request = study_request(pretrained, str(demo_cohort), [1], [0], str(tmp_path), "study", {"epochs": 1})
+    request = study_request(pretrained, str(demo_cohort), [1], [0], str(tmp_path), "study",
+                            {"epochs": 1, "lr": 1e-9}, classes=[1, 2])
     table, detector = run_study(request, pretrained, progress=lambda line: None)
+    model, _ = checkpoint.load_method(pretrained)
+    moved = {init: unet_moved(checkpoint.load_method(run)[0], model) for init, run in zip(table["init"], table["run"])}
+    assert moved["fine-tuned"] < 1e-6 < moved["scratch"], moved
     assert sorted(table["init"]) == ["fine-tuned", "scratch"] and set(table["k"]) == {1}
     assert all(0 <= v <= 1 for v in table["ap"]) and 0 <= detector["ap"] <= 1
+    assert table["class_dice"].between(0, 1).all() and "class_dice" not in detector
     for name in ("label_efficiency.csv", "label_efficiency.md", "label_efficiency.png"):
         assert (tmp_path / "study" / name).stat().st_size > 0
-    assert "| 1 | fine-tuned | 1 |" in (tmp_path / "study" / "label_efficiency.md").read_text()
+    table_md = (tmp_path / "study" / "label_efficiency.md").read_text()
+    assert "| test Dice, mean over classes |" in table_md.splitlines()[0] and "| 1 | fine-tuned | 1 |" in table_md
+    # each run's evaluation has the per-patient Dice of each class
+    run = table["run"][0]
+    result = json.loads(open(f"{run}/evaluation/test/metrics.json").read())["results"]["dae"]
+    assert set(result["classes"]["per_class"]) == {"1", "2"}
+    assert all("dice_class_2" in v for v in result["volumes"] if v["lesion_voxels"])
+    assert "| mean Dice over classes | Dice class 1 | Dice class 2 |" in open(f"{run}/evaluation/test/report.md").read()

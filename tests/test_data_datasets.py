@@ -147,6 +147,26 @@ def test_unknown_modality_and_geometry_mismatch(brats_folder, tmp_path):
         prepare(case, Preprocessing(size=16))
 
 
+def test_label_classes_survive_preprocessing_and_soft_masks_round(tmp_path):
+    """BraTS numbering (1, 2, 4) is kept through orientation and resizing; a soft mask is lesion
+    above one half; a negative label is refused by name."""
+    image = np.ones((16, 16, 4), np.float32)
+    label = np.zeros((16, 16, 4), np.float32)
+    label[2:6, 2:6], label[8:12, 8:12], label[12:16, 2:6] = 1, 2, 4
+    soft = np.where(label > 0, 0.6, 0.4).astype(np.float32)
+    for subject, seg in (("c", label), ("s", soft), ("n", -label)):
+        write_volume(str(tmp_path / f"{subject}_flair.nii.gz"), image, AFFINE)
+        write_volume(str(tmp_path / f"{subject}_seg.nii.gz"), seg, AFFINE)
+    cases = {c.subject: c for c in discover(str(tmp_path), pattern="{subject}_{modality}.nii.gz")}
+    prepared = prepare(cases["c"], Preprocessing(size=8))
+    assert prepared.label.dtype == np.uint8 and set(np.unique(prepared.label)) == {0, 1, 2, 4}
+    for value in (1, 2, 4):  # each class keeps its share of the slice
+        assert (prepared.label == value).mean() == pytest.approx((label == value).mean())
+    assert set(np.unique(prepare(cases["s"], Preprocessing(size=16)).label)) == {0, 1}
+    with pytest.raises(DataError, match="n_seg.nii.gz: label values must be class numbers 0-255, found -4"):
+        prepare(cases["n"], Preprocessing(size=8))
+
+
 def test_nan_volume_and_empty_mask(tmp_path):
     data = np.ones((8, 8, 4), np.float32)
     data[0, 0, 0] = np.nan

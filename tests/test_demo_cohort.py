@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from raymed.cli import main
 from raymed.data import demo, lesions
 from raymed.data.io import read_volume
 from raymed.errors import ConfigError
@@ -83,7 +84,15 @@ def test_lesions_exactly_on_val_and_test(cohort):
             assert not seg.any(), subject
         else:
             assert seg.any(), subject
-            assert not (seg & (mask == 0)).any(), f"{subject}: lesion outside the brain"
+            assert not ((seg > 0) & (mask == 0)).any(), f"{subject}: lesion outside the brain"
+
+
+def test_train_lesions_label_the_training_subjects_too(tmp_path):
+    assert main(["data", "demo", "--out", str(tmp_path), "--subjects", "4", "--size", "16", "--train-lesions"]) == 0
+    splits = _splits(tmp_path)
+    assert "train" in splits.values()
+    assert all(_load(tmp_path, subject, "seg").array.any() for subject in splits)
+    assert json.loads((tmp_path / "cohort.json").read_text())["train_lesions"] is True
 
 
 def test_tissue_maps_sum_to_brain_mask(cohort):
@@ -137,7 +146,13 @@ def test_each_lesion_kind_is_nonempty_and_inside_brain():
         for seed in range(5):
             found = lesions.simulate_lesions(tissue, spacing, np.random.default_rng(seed), kind=kind)
             assert found.kind == kind and found.label.any()
-            assert not (found.label & (found.mask == 0)).any()
+            assert not ((found.label > 0) & (found.mask == 0)).any()
+            # the class is the larger lesion fraction: core (1) and, for tumours, oedema (2)
+            lesion = (found.core + found.oedema > 0.5) & (found.mask > 0)
+            np.testing.assert_array_equal(found.label > 0, lesion)
+            np.testing.assert_array_equal(found.label[lesion] == lesions.CORE,
+                                          (found.core >= found.oedema)[lesion])
+            assert set(np.unique(found.label)) == ({0, 1, 2} if kind == "tumour" else {0, 1})
             assert (found.core + found.oedema <= 1 + 1e-6).all()
             np.testing.assert_allclose(found.tissue.sum(0), found.mask, atol=1e-3)
 

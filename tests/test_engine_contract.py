@@ -17,7 +17,7 @@ import yaml
 from raymed.engine import checkpoint as ckpt
 from raymed.engine.progress import ProgressCallback
 from raymed.engine.trainer import TrainRequest, train
-from raymed.errors import DataError
+from raymed.errors import ConfigError, DataError
 from raymed.evaluation.evaluate import evaluate, open_target
 from raymed.methods.registry import build_config
 from tests.conftest import TINY, TINY_NETS, tiny_config
@@ -76,10 +76,11 @@ def test_fanogan_worker_killed_in_phase_two_restarts_from_the_boundary(ray_sessi
     assert victims, "no training worker process found"
     os.kill(victims[-1], signal.SIGKILL)
     thread.join(timeout=400)
-    assert outcome["result"].error is None
+    result = outcome["result"]
+    assert result.error is None
     log = metrics_log(run)
     assert [r["phase"] for r in log].count("gan") == 2, "the GAN phase was trained again after the restart"
-    assert log[-1]["phase"] == "encoder" and log[-1]["epoch"] == 8
+    assert log[-1]["phase"] == "encoder" and log[-1]["epoch"] == 8 and result.metrics["step"] == log[-1]["step"]
 
 
 def test_fanogan_interrupted_in_phase_two_resumes(ray_session, demo_cohort, tmp_path):
@@ -96,12 +97,16 @@ def test_fanogan_interrupted_in_phase_two_resumes(ray_session, demo_cohort, tmp_
     proc.wait()
     before = metrics_log(run)
     assert before[-1]["phase"] == "encoder" and before[-1]["epoch"] < 12
+    with pytest.raises(ConfigError, match="already exists"):  # a new run may not take over its folder
+        train(TrainRequest(method="fanogan", source=str(demo_cohort), config=tiny_config("fanogan"), name="cut",
+                           storage=str(tmp_path)))
     out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
     after = metrics_log(run)[len(before):]
     assert {r["phase"] for r in after} == {"encoder"} and after[-1]["epoch"] == 12
     boundary = [r for r in before if r["phase"] == "gan"][-1]["step"]
     assert after[0]["step"] > boundary, "resume went back before the phase boundary"
+    assert "best checkpoint:" in out.stdout
 
 
 def test_validation_agrees_with_evaluate(trained_run, demo_cohort, tmp_path):

@@ -16,7 +16,8 @@ from raymed.errors import DataError
 from raymed.evaluation.detection import (ImageScore, best_f1_threshold, detection_metrics, flag_rate_threshold,
                                          slice_scores)
 from raymed.evaluation.generation import paired_metrics
-from raymed.evaluation.metrics import ScoreHistogram, overlap, pixel_metrics, ranking_metrics
+from raymed.evaluation.metrics import ScoreHistogram, class_dice, overlap, pixel_metrics, ranking_metrics
+from raymed.evaluation.protocol import class_summary
 from raymed.evaluation.postprocess import PostProcessing, binarise, configure, smooth_map
 from raymed.evaluation.thresholds import load_threshold, save_threshold
 from raymed.methods.registry import build_config, method_class
@@ -105,6 +106,22 @@ def test_overlap_and_ranking_metrics():
     assert r == pytest.approx({"auroc": roc_auc_score(labels, scores), "ap": average_precision_score(labels, scores)})
     with pytest.warns(RuntimeWarning, match="every volume is lesion"):
         assert math.isnan(ranking_metrics(scores[:3], [1, 1, 1], "volume")["auroc"])
+
+
+def test_class_dice_per_volume_and_over_patients():
+    label = np.zeros((4, 4, 2), np.uint8)
+    label[0, :2, 0], label[1, :2, 0] = 1, 2  # two voxels of each class
+    prediction = label.copy()
+    prediction[1, 0, 0], prediction[3, 3, 1] = 0, 2  # class 2: TP 1, FN 1, FP 1 → Dice 0.5
+    prediction[2, 2, 1] = 3  # a value outside `classes` is background
+    assert class_dice(prediction, label, (1, 2)) == {"1": 1.0, "2": 0.5}
+    absent = class_dice(prediction, label, (1, 4))  # no class-4 lesion: undefined, not 0
+    assert absent["1"] == 1.0 and np.isnan(absent["4"])
+    # per patient the mean over the classes it has, then over patients
+    volumes = [{"dice_class_1": 1.0, "dice_class_4": float("nan")}, {"dice_class_1": 0.2, "dice_class_4": 0.6}]
+    summary = class_summary(volumes, (1, 4))
+    assert summary["dice"] == pytest.approx((1.0 + 0.4) / 2) and summary["volumes"] == 2
+    assert summary["per_class"] == pytest.approx({"1": 0.6, "4": 0.6})
 
 
 def test_postprocessing_steps():

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--subjects", type=int, default=16, help="number of subjects (default 16)")
     demo.add_argument("--size", type=int, default=128, help="volume edge length in voxels (default 128)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--train-lesions", action="store_true",
+                      help="lesions in the training subjects too (labelled data for supervised baselines; "
+                           "detectors still train on their healthy slices)")
     demo.set_defaults(run=run_demo)
 
     inspect = verbs.add_parser("inspect", help="list cases, shapes, spacings, modalities, label stats",
@@ -35,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from raymed.data.demo import build_demo_cohort
 
-    summary = build_demo_cohort(args.out, subjects=args.subjects, size=args.size, seed=args.seed, progress=print)
+    summary = build_demo_cohort(args.out, subjects=args.subjects, size=args.size, seed=args.seed, progress=print,
+                                train_lesions=args.train_lesions)
     print(f"demo cohort written to {args.out}: {json.dumps(summary)}")
     return 0
 

@@ -3,11 +3,13 @@
 Each subject is the MNI152 (2009a, symmetric) grey/white-matter maps and brain mask that ship inside
 the nilearn wheel, moved by a random affine + elastic deformation and rendered in T1-, T2- and
 FLAIR-like contrasts with per-subject contrast, bias field and noise. Training subjects are
-lesion-free; validation and test subjects carry the evaluation lesions of `raymed.data.lesions`.
+lesion-free (or, with `train_lesions`, lesioned too: labelled training data for the supervised
+baselines of the label-efficiency study); validation and test subjects carry the evaluation lesions
+of `raymed.data.lesions`.
 The layout is BraTS-like, so the cohort is read by the same dataset code as real data:
 
     OUT/demo-000/demo-000_{t1,t2,flair}.nii.gz   float32 images (0 outside the brain)
-    OUT/demo-000/demo-000_seg.nii.gz             uint8 lesion mask (all zero for train subjects)
+    OUT/demo-000/demo-000_seg.nii.gz             uint8 lesion labels: 1 core, 2 oedema (zero for healthy subjects)
     OUT/demo-000/demo-000_mask.nii.gz            uint8 brain mask
     OUT/demo-000/demo-000_{gm,wm,csf}.nii.gz     float32 tissue maps, summing to the brain mask
     OUT/splits.json                              {"demo-000": "train", ...}
@@ -66,7 +68,7 @@ VARIATION = {
 
 
 def build_demo_cohort(out: str | os.PathLike, subjects: int = 16, size: int = 128, seed: int = 0,
-                      progress: Callable[[str], None] | None = None) -> dict:
+                      progress: Callable[[str], None] | None = None, train_lesions: bool = False) -> dict:
     """Write a demo cohort of `subjects` volumes of `size`³ voxels to `out` (a folder or s3:// URI).
 
     Subject i depends only on (seed, i), so a bigger cohort extends a smaller one's anatomy.
@@ -88,7 +90,7 @@ def build_demo_cohort(out: str | os.PathLike, subjects: int = 16, size: int = 12
         for subject, subject_seed in zip(ids, subject_seeds):
             tick = time.perf_counter()
             volumes, records[subject] = build_subject(
-                template, size, spacing, splits[subject], np.random.default_rng(subject_seed))
+                template, size, spacing, splits[subject], np.random.default_rng(subject_seed), train_lesions)
             _wait(writing)
             writing = _write_subject(pool, out, subject, volumes, affine)
             if progress:
@@ -97,11 +99,12 @@ def build_demo_cohort(out: str | os.PathLike, subjects: int = 16, size: int = 12
         _wait(writing)
     _write_json(join(out, "splits.json"), splits)
     _write_json(join(out, "cohort.json"), {
-        "subjects": subjects, "size": size, "seed": seed, "spacing_mm": spacing[0],
+        "subjects": subjects, "size": size, "seed": seed, "spacing_mm": spacing[0], "train_lesions": train_lesions,
         "template": "MNI152 2009a symmetric GM/WM/brain mask from nilearn, 2 mm, padded to a cube",
         "split_fractions": SPLIT_FRACTIONS, "intensities": INTENSITIES, "variation": VARIATION,
         "lesions": {"generator": "raymed.data.lesions (evaluation only)",
-                    "parameters": lesions.PARAMETERS, "per_subject": records},
+                    "parameters": lesions.PARAMETERS,
+                    "labels": {"core": lesions.CORE, "oedema": lesions.OEDEMA}, "per_subject": records},
     })
     counts = {name: sum(s == name for s in splits.values()) for name in ("train", "val", "test")}
     return {"out": out, "subjects": counts, "size": size, "spacing_mm": spacing[0], "seed": seed,
@@ -147,16 +150,16 @@ def cube_affine(affine: np.ndarray, n: int, size: int) -> np.ndarray:
 
 
 def build_subject(template: torch.Tensor, size: int, spacing: tuple[float, float, float], split: str,
-                  rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict]:
+                  rng: np.random.Generator, train_lesions: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """One subject's volumes (name -> array) and a record of its lesions for cohort.json."""
     tissue, mask = lesions.warp_tissue(template, subject_coords(size, rng))
     core = oedema = np.zeros(mask.shape, np.float32)
     seg = np.zeros(mask.shape, np.uint8)
     record = {"split": split, "lesion": "none"}
-    if split != "train":
+    if split != "train" or train_lesions:
         found = lesions.simulate_lesions(tissue, spacing, rng)
         tissue, mask, core, oedema, seg = found.tissue, found.mask, found.core, found.oedema, found.label
-        record.update(lesion=found.kind, centres=found.centres, voxels=int(seg.sum()))
+        record.update(lesion=found.kind, centres=found.centres, voxels=int(np.count_nonzero(seg)))
     images = render(tissue, mask, core, oedema, rng)
     return {**images, "seg": seg, "mask": mask, "gm": tissue[0], "wm": tissue[1], "csf": tissue[2]}, record
 

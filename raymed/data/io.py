@@ -12,7 +12,6 @@ import io
 import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import fsspec
 import nibabel as nib

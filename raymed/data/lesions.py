@@ -6,7 +6,8 @@ generator it was trained against would be rewarded for recognising the generator
 
 Lesions are expressed as per-voxel *fractions* (`core`, `oedema`) on top of the subject's tissue
 maps, so a renderer can blend lesion and tissue intensities with partial volume, and the label is
-where lesion covers more than half a voxel. Two kinds:
+where lesion covers more than half a voxel: `CORE` (1) where core dominates, `OEDEMA` (2) where
+oedema does, BraTS's numbering for necrotic core and oedema. Two kinds:
 
 - `tumour`: an irregular core in deep white matter, surrounded by an oedema rim that spreads mainly
   through white matter, and a slight mass effect that pushes the surrounding tissue away.
@@ -45,6 +46,7 @@ PARAMETERS = {
     "min_radius_voxels": 1.0,
     "white_matter_threshold": 0.7,
 }
+CORE, OEDEMA = 1, 2  # label values (BraTS: 1 necrotic/non-enhancing core, 2 oedema)
 
 
 @dataclass
@@ -55,7 +57,8 @@ class Lesions:
     mask: (X, Y, Z) uint8 brain mask after the mass effect.
     core, oedema: (X, Y, Z) float32 fraction of each voxel covered by lesion core / oedema;
         core + oedema <= 1, both 0 outside the brain.
-    label: (X, Y, Z) uint8, 1 where core + oedema > 0.5 inside the brain.
+    label: (X, Y, Z) uint8 where core + oedema > 0.5 inside the brain: CORE where core ≥ oedema,
+        else OEDEMA; 0 elsewhere.
     kind: "tumour" or "multifocal"; centres: the voxel centres of the lesions.
     """
 
@@ -154,8 +157,10 @@ def multifocal(tissue: np.ndarray, spacing: tuple[float, float, float], rng: np.
 
 
 def _lesions(tissue, mask, core, oedema, kind, centres) -> Lesions:
-    """Bundle the fractions with their label (more than half a voxel of lesion, inside the brain)."""
-    label = ((core + oedema > 0.5) & (mask > 0)).astype(np.uint8)
+    """Bundle the fractions with their label (more than half a voxel of lesion, inside the brain;
+    the larger fraction names the class)."""
+    lesion = (core + oedema > 0.5) & (mask > 0)
+    label = (lesion * np.where(core >= oedema, CORE, OEDEMA)).astype(np.uint8)
     return Lesions(tissue=tissue, mask=mask, core=core.astype(np.float32), oedema=oedema.astype(np.float32),
                    label=label, kind=kind, centres=[tuple(int(c) for c in centre) for centre in centres])
 

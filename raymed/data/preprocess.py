@@ -45,7 +45,8 @@ class Preprocessing(BaseModel):
 
 @dataclass
 class Prepared:
-    """A case ready for slicing: image (C, X, Y, Z) in [0, 1], label and mask (X, Y, Z);
+    """A case ready for slicing: image (C, X, Y, Z) in [0, 1], label (X, Y, Z) class numbers
+    (0 background), mask (X, Y, Z) boolean;
     tissue (T, X, Y, Z) probabilities in TISSUES order when asked for."""
 
     subject: str
@@ -103,8 +104,17 @@ def read_case(case: Case, modalities: list[str]) -> tuple[list[np.ndarray], np.n
             continue
         volume = read_volume(uri)
         check_geometry(first, volume, first_uri, uri)
-        extra.append(_as_3d(volume, uri) > 0.5)
-    return channels, extra[0], extra[1], first
+        extra.append(_as_3d(volume, uri))
+    label, mask = extra
+    return channels, None if label is None else classes(label, case.label), None if mask is None else mask > 0.5, first
+
+
+def classes(label: np.ndarray, name: str) -> np.ndarray:
+    """A label volume as class numbers (uint8): multi-class files (BraTS 1/2/4) keep their classes,
+    a soft [0, 1] mask rounds to lesion where it exceeds one half."""
+    if label.min() < 0 or label.max() > 255:
+        raise DataError(f"{name}: label values must be class numbers 0-255, found {label.min():g} to {label.max():g}")
+    return np.rint(label).astype(np.uint8)
 
 
 def foreground_mask(image: np.ndarray) -> np.ndarray:
@@ -179,8 +189,9 @@ def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, na
                   subject: str = "", split: str | None = None, tissue: np.ndarray | None = None) -> Prepared:
     """The steps of `prepare` on arrays already in memory (as the HTTP endpoint receives them).
 
-    `image` is (C, X, Y, Z) float32 on the voxel grid of `source`; `label`/`mask` are (X, Y, Z)
-    booleans on the same grid; without a mask the foreground is found from the image.
+    `image` is (C, X, Y, Z) float32 on the voxel grid of `source`; `label` (class numbers) and
+    `mask` (booleans) are (X, Y, Z) on the same grid; without a mask the foreground is found from
+    the image.
     """
     affine = torch.as_tensor(source.affine, dtype=torch.float64)
     image = MetaTensor(torch.from_numpy(image), affine=affine)
@@ -190,13 +201,14 @@ def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, na
     target = (settings.size, settings.size, settings.slices or spatial[2])
     image = Resize(target, mode="trilinear")(image) if tuple(spatial) != target else image
 
-    def follow(binary: np.ndarray | None) -> np.ndarray | None:
-        if binary is None:
+    def follow(voxels: np.ndarray | None) -> np.ndarray | None:
+        """A mask or class-label volume onto the prepared grid (nearest neighbour)."""
+        if voxels is None:
             return None
-        meta = orient(MetaTensor(torch.from_numpy(binary[None].astype(np.float32)), affine=affine))
+        meta = orient(MetaTensor(torch.from_numpy(voxels[None].astype(np.float32)), affine=affine))
         if tuple(meta.shape[1:]) != target:
             meta = Resize(target, mode="nearest")(meta)
-        return np.asarray(meta[0]) > 0.5
+        return np.rint(np.asarray(meta[0])).astype(np.uint8)
 
     array = np.asarray(image, dtype=np.float32)
     tissue_out = None
@@ -204,12 +216,12 @@ def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, na
         maps = orient(MetaTensor(torch.from_numpy(tissue.astype(np.float32)), affine=affine))
         maps = Resize(target, mode="trilinear")(maps) if tuple(maps.shape[1:]) != target else maps
         tissue_out = np.clip(np.asarray(maps, dtype=np.float32), 0, 1)
-    label_out = follow(label)
-    array, mask_out = scale_intensities(array, follow(mask), settings, name)
+    mask_out = follow(mask)
+    array, mask_out = scale_intensities(array, None if mask_out is None else mask_out > 0, settings, name)
     return Prepared(
         subject=subject,
         image=array,
-        label=label_out.astype(np.uint8) if label_out is not None else None,
+        label=follow(label),
         mask=mask_out,
         affine=np.asarray(image.affine, dtype=np.float64),
         source=source,

@@ -34,6 +34,12 @@ def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (default 1)")
 
 
+def add_classes_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", type=int, nargs="+", metavar="VALUE",
+                        help="segment these label values apart (multi-class, e.g. --classes 1 2 4 for BraTS); "
+                             "default: the whole lesion as one class")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     """Scaling, where the run goes, and restarts: what every command that trains takes."""
     add_scaling_arguments(parser)
@@ -70,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     finetune.add_argument("--data", required=True, help="folder, manifest or s3:// URI with lesion labels")
     finetune.add_argument("--labelled", default="5", help="labelled subjects to train on, or 'all' (default 5)")
     finetune.add_argument("--from-scratch", action="store_true", help="do not load RUN's weights (the baseline)")
+    add_classes_argument(finetune)
     finetune.add_argument("--pattern", help="filename pattern for a flat folder, e.g. '{subject}_{modality}.nii.gz'")
     finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override one config key, e.g. --set epochs=30 --set labelled_seed=1")
@@ -96,7 +103,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from raymed.engine.finetune import finetune_config, parse_labelled
 
     labelled = parse_labelled(args.labelled)
-    method, config = finetune_config(args.pretrained, labelled, args.from_scratch, parse_sets(args.set))
+    method, config = finetune_config(args.pretrained, labelled, args.from_scratch, parse_sets(args.set), args.classes)
     kind = "scratch" if args.from_scratch else "finetune"
     return train_and_summarise(args, method, config,
                                f"{method}-{kind}-{args.labelled}-{time.strftime('%Y%m%d-%H%M%S')}")

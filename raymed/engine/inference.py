@@ -26,17 +26,29 @@ class VolumeMap:
 
 
 @torch.no_grad()
+def over_slices(fn, prepared: Prepared, device, batch_size: int) -> list[np.ndarray]:
+    """`fn` over the axial slices of a prepared case, batched; each of its outputs concatenated
+    over the slices (slice axis first)."""
+    image = np.moveaxis(prepared.image, -1, 0)  # (Z, C, X, Y)
+    parts = []
+    for start in range(0, len(image), batch_size):
+        out = fn(torch.from_numpy(np.ascontiguousarray(image[start:start + batch_size])).to(device))
+        parts.append([(t.float() if t.is_floating_point() else t).cpu().numpy()  # numpy has no bfloat16
+                      for t in (out if isinstance(out, tuple) else (out,))])
+    return [np.concatenate(column) for column in zip(*parts)]
+
+
 def map_prepared(method: Method, prepared: Prepared, batch_size: int = 32) -> VolumeMap:
     """Run `method.anomaly_map` over every axial slice; zero outside the mask."""
-    device = method.device  # methods without nets run on CPU
-    image = np.moveaxis(prepared.image, -1, 0)  # (Z, C, X, Y)
-    maps, scores = [], []
-    for start in range(0, len(image), batch_size):
-        amap, score = method.anomaly_map(torch.from_numpy(np.ascontiguousarray(image[start:start + batch_size])).to(device))
-        maps.append(amap.float().cpu().numpy())
-        scores.append(score.float().cpu().numpy())
-    volume = np.moveaxis(np.concatenate(maps), 0, -1) * prepared.mask
-    return VolumeMap(map=volume.astype(np.float32), slice_scores=np.concatenate(scores), prepared=prepared)
+    maps, scores = over_slices(method.anomaly_map, prepared, method.device, batch_size)  # nets-free methods: CPU
+    volume = np.moveaxis(maps, 0, -1) * prepared.mask
+    return VolumeMap(map=volume.astype(np.float32), slice_scores=scores.astype(np.float32), prepared=prepared)
+
+
+def segment_prepared(method: Method, prepared: Prepared, batch_size: int = 32) -> np.ndarray:
+    """A multi-class segmenter's class labels (X, Y, Z), in the label files' numbering; 0 outside the mask."""
+    (labels,) = over_slices(method.label_map, prepared, method.device, batch_size)
+    return (np.moveaxis(labels, 0, -1) * prepared.mask).astype(np.uint8)
 
 
 def map_case(method: Method, case: Case, batch_size: int = 32) -> VolumeMap:

@@ -97,8 +97,8 @@ def _volume_writer(out: str, progress: Callable[[str], None]):
         affine = prepared.source.affine
         write_volume(join(out, "maps", f"{prepared.subject}_anomaly.nii.gz"), to_source_grid(amap, prepared), affine)
         if segmentation is not None:
-            binary = to_source_grid(segmentation.astype(np.float32), prepared, mode="nearest") > 0.5
-            write_volume(join(out, "maps", f"{prepared.subject}_segmentation.nii.gz"), binary.astype(np.uint8), affine)
+            labels = np.rint(to_source_grid(segmentation.astype(np.float32), prepared, mode="nearest"))
+            write_volume(join(out, "maps", f"{prepared.subject}_segmentation.nii.gz"), labels.astype(np.uint8), affine)
         progress(f"  {prepared.subject}: map written")
     return write
 

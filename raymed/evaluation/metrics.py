@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_confusion_matrix_metric
+from monai.metrics import compute_confusion_matrix_metric, compute_dice
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from raymed.errors import DataError
@@ -203,6 +203,16 @@ def overlap(prediction: np.ndarray, label: np.ndarray) -> dict:
     names = {"dice": "f1 score", "precision": "precision", "recall": "recall"}
     out = {key: float(compute_confusion_matrix_metric(name, matrix)[0]) for key, name in names.items()}
     return {**out, "flagged_voxels": tp + fp, "lesion_voxels": tp + fn}
+
+
+def class_dice(prediction: np.ndarray, label: np.ndarray, classes: tuple[int, ...]) -> dict[str, float]:
+    """Dice of each lesion class (label value → Dice) of one volume's class labels (MONAI's
+    `compute_dice`); NaN for a class absent from the label, so means over patients skip it."""
+    index = np.zeros(256, np.int64)
+    index[list(classes)] = np.arange(1, len(classes) + 1)  # values outside `classes` are background
+    as_index = [torch.from_numpy(index[np.asarray(a, np.uint8)])[None, None] for a in (prediction, label)]
+    dice = compute_dice(*as_index, include_background=False, num_classes=len(classes) + 1)[0]
+    return {str(value): float(d) for value, d in zip(classes, dice)}
 
 
 def pixel_metrics(scores: np.ndarray, labels: np.ndarray, bins: int = DEFAULT_BINS) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,12 +24,12 @@ from sklearn.metrics import average_precision_score
 
 from raymed.data.discovery import Case
 from raymed.data.preprocess import Prepared, prepare
-from raymed.engine.inference import map_prepared
+from raymed.engine.inference import map_prepared, segment_prepared
 from raymed.errors import ConfigError
 from raymed.evaluation.detection import (ImageScore, best_f1_threshold, detection_metrics, flag_rate_threshold,
                                          slice_scores)
 from raymed.evaluation.generation import paired_metrics
-from raymed.evaluation.metrics import DEFAULT_BINS, ScoreHistogram, overlap
+from raymed.evaluation.metrics import DEFAULT_BINS, ScoreHistogram, class_dice, overlap
 from raymed.evaluation.postprocess import PostProcessing, binarise, configure, smooth_map
 from raymed.methods.base import Method, Strict
 
@@ -99,21 +100,25 @@ def run_split(method: Method, cases: list[Case], settings: Settings, pixel_thres
         amap = smooth_map(mapped.map, prepared.mask, settings.postprocess)
         label = prepared.label if prepared.label is not None else np.zeros(prepared.mask.shape, np.uint8)
         mask = prepared.mask
-        passed.histogram.add(amap[mask], label[mask])
+        lesion = (label > 0) & mask  # every class together: the whole lesion
+        passed.histogram.add(amap[mask], lesion[mask])
         brain = mask.reshape(-1, mask.shape[-1]).mean(0) >= data.min_brain
         scores = slice_scores(amap, mask, settings.image_score, mapped.slice_scores)
-        lesion_slices = (label * mask).reshape(-1, mask.shape[-1]).any(0)
+        lesion_slices = lesion.reshape(-1, mask.shape[-1]).any(0)
         passed.slice_scores.append(scores[brain])
         passed.slice_labels.append(lesion_slices[brain])
         segmentation = None
-        row = {"subject": case.subject, "lesion_voxels": int((label * mask).sum()),
+        row = {"subject": case.subject, "lesion_voxels": int(lesion.sum()),
                "volume_score": float(scores[brain].max() if brain.any() else scores.max())}
         if pixel_threshold is not None:
             segmentation = binarise(amap, pixel_threshold, settings.postprocess.min_component) & mask
-            row.update(overlap(segmentation, label & mask))
+            row.update(overlap(segmentation, lesion))
+        if method.classes:
+            segmentation = segment_prepared(method, prepared, settings.batch_size)
+            row.update({f"dice_class_{v}": d for v, d in class_dice(segmentation, label * mask, method.classes).items()})
         passed.volumes.append(row)
         if examples:
-            _keep_examples(passed, prepared, amap, label)
+            _keep_examples(passed, prepared, amap, lesion)
         budget = MAX_RECONSTRUCTION_SLICES - sum(r["slices"] for r in passed.reconstruction)
         if reconstruction and budget > 0:
             fidelity = _reconstruction_fidelity(method, prepared, brain & ~lesion_slices, budget, settings.batch_size)
@@ -228,9 +233,22 @@ def summarise(method: Method, test: SplitPass, thresholds: dict, settings: Setti
         if healthy:
             flagged = float(np.mean([v["flagged_voxels"] for v in healthy]))
             result["segmentation"]["healthy_volumes_flagged_voxels"] = flagged
+    if method.classes:
+        result["classes"] = class_summary(lesion_volumes, method.classes)
     if test.reconstruction:
         weights = np.array([r["slices"] for r in test.reconstruction], np.float64)
         result["reconstruction"] = {"slices": int(weights.sum()), **{
             key: float(np.average([r[key] for r in test.reconstruction], weights=weights))
             for key in ("mae", "psnr", "ssim")}}
     return result
+
+
+def class_summary(volumes: list[dict], classes: tuple[int, ...]) -> dict:
+    """Multi-class Dice as Holzschuh et al. report it: per patient the mean over the lesion
+    classes present, then the mean over patients; and each class's mean over patients."""
+    table = np.array([[v[f"dice_class_{c}"] for c in classes] for v in volumes], np.float64).reshape(-1, len(classes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class no patient has: NaN
+        per_patient = np.nanmean(table, axis=1)
+        return {"dice": float(np.nanmean(per_patient)), "volumes": len(volumes),
+                "per_class": {str(c): float(np.nanmean(table[:, i])) for i, c in enumerate(classes)}}

@@ -117,6 +117,16 @@ def render_markdown(metrics: dict) -> str:
                   markdown_table(["method", "slices", "MAE", "PSNR (dB)", "SSIM"],
                                  [[f"`{name}`", str(f["slices"]), fmt(f["mae"], ".4f"), fmt(f["psnr"], ".2f"),
                                    fmt(f["ssim"], ".3f")] for name, f in fidelity.items()]), ""]
+    classes = {name: r["classes"] for name, r in results.items() if r.get("classes")}
+    if classes:
+        values = sorted({value for c in classes.values() for value in c["per_class"]}, key=int)
+        lines += ["## Lesion classes (argmax of the segmenter)", "",
+                  markdown_table(["method", "mean Dice over classes", *[f"Dice class {v}" for v in values]],
+                                 [[f"`{name}`", fmt(c["dice"]), *[fmt(c["per_class"].get(v)) for v in values]]
+                                  for name, c in classes.items()]),
+                  "", "Per test patient with a lesion the mean over the classes its label has, then the mean "
+                      "over patients (Holzschuh et al.); a class's column is its mean over the patients that have it.",
+                  ""]
     lines += ["## Figures", ""]
     for name, caption in metrics["files"]["figures"].items():
         lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]

@@ -192,6 +192,18 @@ class Method:
         """(N, C, H, W) images in [0, 1] → (map (N, H, W), score (N,)); detectors override."""
         raise TypeError(f"method {self.name} is not a detector")
 
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """The label values a multi-class segmenter tells apart (its `label_map`); () for the rest,
+        whose maps are scored against the whole lesion."""
+        return ()
+
+    @torch.no_grad()
+    def label_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) → class labels (N, H, W) in the label files' numbering, 0 background;
+        multi-class segmenters override."""
+        raise TypeError(f"method {self.name} has no lesion classes")
+
     @torch.no_grad()
     def reconstruction(self, x: torch.Tensor) -> torch.Tensor | None:
         """The pseudo-healthy image (N, C, H, W) the anomaly map compares x with; None if none."""

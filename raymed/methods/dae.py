@@ -8,11 +8,13 @@ foreground). Given a lesion it restores healthy-looking tissue, so the anomaly m
 averaged over channels, then (the method's own post-processing) zeroed outside an eroded brain
 mask and median filtered with k = 5.
 
-task "segment": the same UNet with a fresh two-class head, trained with soft Dice + cross-entropy
-on the slices of k labelled subjects, keeping the weights of lowest validation loss. Started from
-a denoise run (`train.init_from=RUN`, `train.init_strict=false`: the UNet is shared by name, the
-head is not) it is the fine-tuned model; without `init_from`, the from-scratch baseline. Its
-anomaly map is the lesion probability.
+task "segment": the same UNet with a fresh head, trained with soft Dice + cross-entropy on the
+slices of k labelled subjects, keeping the weights of lowest validation loss. The head has two
+classes (background, whole lesion) or, with `classes`, background plus one per listed label value
+(Holzschuh's multi-class variant, e.g. BraTS 1/2/4). Started from a denoise run
+(`train.init_from=RUN`, `train.init_strict=false`: the UNet is shared by name, the head is not) it
+is the fine-tuned model; without `init_from`, the from-scratch baseline. Its anomaly map is the
+lesion probability, 1 − p(background).
 """
 
 from __future__ import annotations
@@ -34,13 +36,7 @@ from raymed.synthesis.coarse_noise import coarse_noise
 # One head per task, named apart: fine-tuning never loads the denoiser's output layer, even when
 # the image has as many channels as the segmentation has classes.
 HEADS = {"denoise": "denoise_head", "segment": "segment_head"}
-CLASSES = 2  # background, lesion
 DICE_CE = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
-
-
-def lesion(batch) -> torch.Tensor:
-    """The binary (whole-lesion) target (N, 1, H, W) from the batch's label."""
-    return (batch["label"] > 0).unsqueeze(1).to(batch["image"].dtype)
 
 
 class DenoisingConfig(MethodConfig):
@@ -58,6 +54,9 @@ class DenoisingConfig(MethodConfig):
     labelled_subjects: int | None = Field(5, ge=1, description="segment: train on this many labelled subjects "
                                                                "(Holzschuh's few-label regime); None: all")
     labelled_seed: int = Field(0, description="segment: which labelled subjects are drawn")
+    classes: list[int] | None = Field(None, min_length=1, description="segment: the label values to tell "
+                                      "apart (e.g. BraTS [1, 2, 4]), other values are background; None: "
+                                      "the whole lesion as one class")
     patience: int = Field(10, ge=1, description="segment: validations without a lower val loss "
                                                    "before stopping; the best weights are kept (Holzschuh)")
     postprocess: PostProcessing = Field(default_factory=lambda: PostProcessing(median=5, erode=2),
@@ -68,6 +67,13 @@ class DenoisingConfig(MethodConfig):
     def groups_divide_channels(self):
         if any(ch % self.norm_groups for ch in self.channels):
             raise ValueError(f"channels {self.channels} must all be divisible by norm_groups={self.norm_groups}")
+        return self
+
+    @model_validator(mode="after")
+    def classes_are_label_values(self):
+        if self.classes is not None and (len(set(self.classes)) != len(self.classes)
+                                         or not all(0 < c < 256 for c in self.classes)):
+            raise ValueError(f"classes {self.classes}: distinct label values from 1 to 255 (0 is background)")
         return self
 
 
@@ -87,6 +93,19 @@ class DenoisingAutoEncoder(Method):
     def head(self) -> str:
         return HEADS[self.config.task]
 
+    @property
+    def classes(self) -> tuple[int, ...]:
+        return tuple(self.config.classes or ()) if self.config.task == "segment" else ()
+
+    def target(self, batch) -> torch.Tensor:
+        """The class-index target (N, 1, H, W): 1 for any lesion, or 1..n for the listed classes."""
+        label = batch["label"].round().long()
+        if not self.classes:
+            return (label > 0).long().unsqueeze(1)
+        index = torch.zeros(256, dtype=torch.long, device=label.device)
+        index[list(self.classes)] = torch.arange(1, len(self.classes) + 1, device=label.device)
+        return index[label.clamp(0, 255)].unsqueeze(1)
+
     def build(self):
         c = self.config
         levels = len(c.channels)
@@ -95,7 +114,7 @@ class DenoisingAutoEncoder(Method):
                        upsample_kernel_size=[2] * (levels - 1), filters=c.channels,
                        norm_name=("group", {"num_groups": c.norm_groups}), act_name="swish")
         unet.output_block = nn.Identity()  # the output layer is the task's head
-        out_channels = self.in_channels if c.task == "denoise" else CLASSES
+        out_channels = self.in_channels if c.task == "denoise" else 1 + len(c.classes or [1])
         return {"unet": unet, self.head: UnetOutBlock(2, c.channels[0], out_channels)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,18 +130,24 @@ class DenoisingAutoEncoder(Method):
         return loss, {"loss": loss.item()}
 
     def segmentation_loss(self, batch):
-        loss = DICE_CE(self.forward(batch["image"]), lesion(batch))
+        loss = DICE_CE(self.forward(batch["image"]), self.target(batch))
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()
     def validate(self, batch):
-        """Mean val loss, and the global Dice of the predicted lesion inside the brain mask."""
-        logits, target = self.forward(batch["image"]), lesion(batch)
-        predicted = (logits.argmax(1, keepdim=True) > 0) & (batch["mask"].unsqueeze(1) > 0)
+        """Mean val loss, and the global Dice inside the brain mask of the whole lesion (`dice`)
+        and, with classes, of each class (`dice_VALUE`)."""
+        logits, target = self.forward(batch["image"]), self.target(batch)
+        predicted = logits.argmax(1, keepdim=True) * (batch["mask"].unsqueeze(1) > 0)
         n = len(target)
-        overlap = (predicted & (target > 0)).sum().item()
-        return {"loss": (DICE_CE(logits, target).item() * n, n),
-                "dice": (2 * overlap, predicted.sum().item() + (target > 0).sum().item())}
+
+        def dice(p, t):
+            return 2 * (p & t).sum().item(), p.sum().item() + t.sum().item()
+
+        out = {"loss": (DICE_CE(logits, target).item() * n, n), "dice": dice(predicted > 0, target > 0)}
+        for i, value in enumerate(self.classes, start=1):
+            out[f"dice_{value}"] = dice(predicted == i, target == i)
+        return out
 
     def phases(self):
         c = self.config
@@ -145,5 +170,13 @@ class DenoisingAutoEncoder(Method):
     def anomaly_map(self, x):
         """denoise: |x − x̂| averaged over channels; segment: the lesion probability."""
         out = self.forward(x)
-        amap = residual(x, out, positive_only=False) if self.config.task == "denoise" else out.softmax(1)[:, 1]
+        amap = residual(x, out, positive_only=False) if self.config.task == "denoise" else 1 - out.softmax(1)[:, 0]
         return amap, amap.flatten(1).mean(1)
+
+    @torch.no_grad()
+    def label_map(self, x):
+        """segment with classes: the most probable class of each pixel, as its label value."""
+        if not self.classes:
+            return super().label_map(x)
+        values = torch.tensor((0, *self.classes), dtype=torch.uint8, device=x.device)
+        return values[self.forward(x).argmax(1)]

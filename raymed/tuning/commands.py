@@ -14,7 +14,7 @@ SWEEP_SETTINGS = ("data", "space", "trials", "config", "set", "pattern", "metric
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from raymed.engine.commands import add_config_arguments
+    from raymed.engine.commands import add_classes_argument, add_config_arguments
     from raymed.methods.registry import METHODS
 
     tune = sub.add_parser(
@@ -64,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     study.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="draws of the K subjects (default 0 1 2)")
     study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key of every run, e.g. --set epochs=20")
+    add_classes_argument(study)
     study.add_argument("--workers-per-run", type=int, default=1, help="Ray Train workers per run (default 1)")
     study.add_argument("--pattern", help="filename pattern for a flat folder, e.g. '{subject}_{modality}.nii.gz'")
     study.add_argument("--storage", default="studies", help="local folder or s3://bucket/prefix (default ./studies)")
@@ -134,7 +135,7 @@ def run_study(args: argparse.Namespace) -> int:
 
     request = study_request(args.pretrained, args.data, [parse_labelled(k) for k in args.labelled], args.seeds,
                             args.storage, args.name or f"label-efficiency-{time.strftime('%Y%m%d-%H%M%S')}",
-                            parse_sets(args.set), args.workers_per_run, args.pattern)
+                            parse_sets(args.set), args.workers_per_run, args.pattern, args.classes)
     table, detector = study(request, args.pretrained)
     print(markdown(table, detector))
     print(f"\nstudy: {request.uri} (label_efficiency.csv, label_efficiency.md, label_efficiency.png)")

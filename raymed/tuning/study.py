@@ -7,7 +7,8 @@ the test split, and so is the unsupervised detector, for the paper's figure: Dic
 against K on a log axis, the detector as a horizontal line.
 
     STUDY = STORAGE/NAME: the sweep folder (trials.csv, train/TRIAL/ …) plus
-      label_efficiency.csv  one row per run: K, init, seed, test Dice / AP / AUROC
+      label_efficiency.csv  one row per run: K, init, seed, test Dice / AP / AUROC (and, for a
+                            multi-class study, the mean Dice over classes, `class_dice`)
       label_efficiency.md   the table of means ± std per K and init
       label_efficiency.png  the figure
 """
@@ -31,9 +32,10 @@ LABELS = (1, 2, 5, 10, None)  # None: every labelled subject of the train split
 
 
 def study_request(run: str, source: str, labels: list[int | None], seeds: list[int], storage: str, name: str,
-                  overrides: dict | None = None, workers: int = 1, pattern: str | None = None) -> SweepRequest:
+                  overrides: dict | None = None, workers: int = 1, pattern: str | None = None,
+                  classes: list[int] | None = None) -> SweepRequest:
     """The sweep: the fine-tuning config of `run`, with K, seed and init (weights or none) on a grid."""
-    method, config = finetune_config(run, labels[0], overrides=overrides)
+    method, config = finetune_config(run, labels[0], overrides=overrides, classes=classes)
     base = config.model_dump(mode="json")
     space = {"labelled_subjects": {"grid": list(labels)}, "labelled_seed": {"grid": list(seeds)},
              "train.init_from": {"grid": [resolve(run), None]}}
@@ -44,12 +46,14 @@ def study_request(run: str, source: str, labels: list[int | None], seeds: list[i
 
 
 def test_metrics(target: str, source: str, out: str) -> dict:
-    """Test-split Dice (at the threshold chosen on validation), AP and AUROC of one model."""
+    """Test-split Dice (at the threshold chosen on validation), AP and AUROC of one model, and a
+    multi-class segmenter's mean Dice over classes."""
     result = evaluate(open_target(target, source), source, out, reference=False, maps=False,
                       progress=lambda line: None)["results"]
     (only,) = result.values()
+    classes = {"class_dice": only["classes"]["dice"]} if "classes" in only else {}
     return {"dice": only.get("segmentation", {}).get("dice", float("nan")),
-            "ap": only["pixel"]["auprc"], "auroc": only["pixel"]["auroc"]}
+            "ap": only["pixel"]["auprc"], "auroc": only["pixel"]["auroc"], **classes}
 
 
 def run_study(request: SweepRequest, pretrained: str, progress=print) -> tuple[pd.DataFrame, dict]:
@@ -78,30 +82,41 @@ def run_study(request: SweepRequest, pretrained: str, progress=print) -> tuple[p
     return table, detector
 
 
+def metrics(table: pd.DataFrame) -> list[str]:
+    return [m for m in ("dice", "ap", "class_dice") if m in table]
+
+
+NAMES = {"dice": "test Dice", "ap": "test AP", "class_dice": "test Dice, mean over classes"}
+
+
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std of Dice and AP per K and init (K ordered, 'all' last)."""
-    grouped = table.groupby(["k", "init"])[["dice", "ap"]].agg(["mean", "std", "count"])
+    """Mean and std of each metric per K and init (K ordered, 'all' last)."""
+    grouped = table.groupby(["k", "init"])[metrics(table)].agg(["mean", "std", "count"])
     order = sorted(grouped.index, key=lambda key: (key[0] == "all", key[0] if key[0] != "all" else 0, key[1]))
     return grouped.loc[order]
 
 
 def markdown(table: pd.DataFrame, detector: dict) -> str:
-    lines = ["| K labelled | init | runs | test Dice | test AP |", "| --- | --- | --- | --- | --- |"]
+    columns = metrics(table)
+    lines = ["| K labelled | init | runs | " + " | ".join(NAMES[m] for m in columns) + " |",
+             "| --- | --- | --- |" + " --- |" * len(columns)]
     for (k, init), row in summary(table).iterrows():
-        lines.append(f"| {k} | {init} | {int(row[('dice', 'count')])} | "
-                     f"{row[('dice', 'mean')]:.3f} ± {np.nan_to_num(row[('dice', 'std')]):.3f} | "
-                     f"{row[('ap', 'mean')]:.3f} ± {np.nan_to_num(row[('ap', 'std')]):.3f} |")
-    lines.append(f"| – | unsupervised detector | 1 | {detector['dice']:.3f} | {detector['ap']:.3f} |")
+        cells = [f"{row[(m, 'mean')]:.3f} ± {np.nan_to_num(row[(m, 'std')]):.3f}" for m in columns]
+        lines.append(f"| {k} | {init} | {int(row[('dice', 'count')])} | " + " | ".join(cells) + " |")
+    cells = [f"{detector[m]:.3f}" if m in detector else "–" for m in columns]
+    lines.append("| – | unsupervised detector | 1 | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def figure(table: pd.DataFrame, detector: dict) -> bytes:
-    """Dice and AP against K (log axis); 'all' is drawn at the largest K seen × 2."""
+    """Each metric against K (log axis), the detector as a line where it has the metric; 'all'
+    is drawn at the largest K seen × 2."""
     stats = summary(table)
     numeric = [k for k, _ in stats.index if k != "all"]
     at_all = 2 * max(numeric, default=1)
-    fig = Figure(figsize=(9, 3.6))
-    for ax, metric, label in zip(fig.subplots(1, 2), ("dice", "ap"), ("test Dice", "test AP")):
+    columns = metrics(table)
+    fig = Figure(figsize=(4.5 * len(columns), 3.6))
+    for ax, metric in zip(fig.subplots(1, len(columns), squeeze=False)[0], columns):
         for init, marker in (("fine-tuned", "o-"), ("scratch", "s--")):
             rows = [(at_all if k == "all" else k, row) for (k, i), row in stats.iterrows() if i == init]
             if not rows:
@@ -110,10 +125,11 @@ def figure(table: pd.DataFrame, detector: dict) -> bytes:
             xs = [x for x, _ in rows]
             ax.errorbar(xs, [r[(metric, "mean")] for _, r in rows],
                         yerr=[np.nan_to_num(r[(metric, "std")]) for _, r in rows], fmt=marker, label=init, capsize=3)
-        ax.axhline(detector[metric], color="grey", linestyle=":", label="unsupervised detector")
+        if metric in detector:
+            ax.axhline(detector[metric], color="grey", linestyle=":", label="unsupervised detector")
         ax.set_xscale("log")
         ax.set_xlabel("labelled training subjects K ('all' at the right)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(NAMES[metric])
         ax.legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
