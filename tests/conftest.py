@@ -130,9 +130,12 @@ def ray_session(s3_server):
 
 TINY = {"data.size": 32, "train.batch_size": 8}
 TINY_NETS = {"ae": {"channels": [8, 16], "latent_size": 16}, "vae": {"channels": [8, 16], "latent_size": 16},
+             "gmvae": {"channels": [8, 16], "latent_size": 16, "components": 3},
              "fanogan": {"channels": [8, 16, 32], "latent_size": 16},
              "dae": {"channels": [8, 16, 32], "norm_groups": 4, "noise_res": 8},
-             "pas": {"channels": [8, 16, 32], "res_units": 1}}
+             "pas": {"channels": [8, 16, 32], "res_units": 1},
+             "cycle": {"unet_channels": [8, 16, 32], "generator_features": 8, "residual_blocks": 1,
+                       "discriminator_features": 8, "discriminator_layers": 2}}
 
 
 def tiny_config(method: str, **overrides):

@@ -25,6 +25,7 @@ def metrics_log(run) -> list[dict]:
 @pytest.mark.parametrize("method,overrides", [
     ("ae", {"epochs": 6, "lr": 1e-3}),
     ("vae", {"epochs": 6, "lr": 1e-3}),
+    ("gmvae", {"epochs": 6, "lr": 1e-3}),
     ("fanogan", {"gan_epochs": 2, "encoder_epochs": 6, "n_critic": 2, "lr": 1e-3, "train.batch_size": 4}),
     ("dae", {"epochs": 4, "lr": 1e-3}),
 ])

@@ -35,7 +35,7 @@ def test_cli_rejects_bad_config_before_any_worker(capsys, tmp_path):
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["ae", "vae", "fanogan"])
+@pytest.mark.parametrize("name", ["ae", "vae", "gmvae", "fanogan"])
 def test_each_method_learns_on_a_fixed_batch(name):
     torch.manual_seed(0)
     method = method_class(name)(tiny_config(name, lr=1e-3), in_channels=1)
@@ -61,3 +61,24 @@ def test_each_method_learns_on_a_fixed_batch(name):
     assert amap.shape == (8, 32, 32) and score.shape == (8,) and torch.isfinite(amap).all()
     if "generator" in method.kind:
         assert method.sample(3).shape == (3, 1, 32, 32)
+
+
+def test_gmvae_prior_is_a_mixture_and_reduces_to_the_vae_kl():
+    from raymed.methods.gmvae import MixturePrior
+
+    torch.manual_seed(0)
+    prior = MixturePrior(components=4, latent_size=6)
+    mu, logvar = torch.randn(5, 6), torch.randn(5, 6) * 0.3
+    z = mu + (0.5 * logvar).exp() * torch.randn(5, 6)
+    gamma = prior.responsibilities(z)
+    torch.testing.assert_close(gamma.sum(1), torch.ones(5))
+    # a sample at a component's mean belongs to that component
+    assert (prior.responsibilities(prior.mean.detach()).argmax(1) == torch.arange(4)).all()
+    # one standard-normal component: exactly the VAE's KL to N(0, I)
+    single = MixturePrior(components=1, latent_size=6)
+    with torch.no_grad():
+        single.mean.zero_()
+    vae_kl = -0.5 * torch.mean(torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1))
+    torch.testing.assert_close(single.kl(mu, logvar, z), vae_kl)
+    samples = method_class("gmvae")(tiny_config("gmvae"), in_channels=1).sample(3, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 1, 32, 32) and 0 <= samples.min() and samples.max() <= 1

@@ -88,6 +88,9 @@ def test_asha_stops_a_trial_that_falls_behind(ray_session, demo_cohort, tmp_path
     rows = [row.split(",") for row in (tmp_path / "asha" / "trials.csv").read_text().splitlines()[1:]]
     assert [(row[1], row[2], float(row[4])) for row in rows] == [("completed", "3", 3e-3), ("stopped", "1", 1e-6)]
     assert "stopped" in printed and f"best config: {tmp_path}/asha/best_config.yaml" in printed
+    # one line per trial event instead of Tune's status and per-trial tables
+    assert f"trial {rows[1][0]} started: lr=1e-06" in printed and f"trial {rows[0][0]} epoch 3: train/loss " in printed
+    assert "Trial status:" not in printed and "started with configuration" not in printed
     assert f"best checkpoint: {tmp_path}/asha/train/{rows[0][0]}/checkpoint_" in printed
 
 

@@ -7,6 +7,7 @@ maps can be written back in the input's geometry (`to_source_grid`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from scipy import ndimage
 
 from raymed.data.discovery import Case
 from raymed.data.io import Volume, read_volume
+from raymed.data.tissue import gmm_tissue
 from raymed.errors import DataError
 
 TISSUES = ("csf", "gm", "wm")  # the channels of `tissue`; background is 1 - their sum
@@ -34,6 +36,9 @@ class Preprocessing(BaseModel):
     # CT: a fixed intensity window [low, high] (HU, e.g. a liver window [-100, 200]) mapped to
     # [0, 1] in place of the percentile scaling; with an organ mask file it is the foreground.
     window: tuple[float, float] | None = None
+    # Where tissue maps come from for methods that read them: the case's *_{csf,gm,wm} files, or a
+    # three-class Gaussian mixture of the first channel inside the foreground (raymed.data.tissue).
+    tissue_labels: Literal["files", "gmm"] = "files"
 
     @field_validator("window")
     @classmethod
@@ -179,9 +184,12 @@ def prepare(case: Case, settings: Preprocessing, tissue: bool = False) -> Prepar
     modalities = settings.modalities or sorted(case.images)
     channels, label, mask, first = read_case(case, modalities)
     first_name = case.images[modalities[0]]
-    maps = read_tissue(case, first, first_name) if tissue else None
-    return prepare_image(np.stack(channels), first, settings, first_name, label, mask,
-                         subject=case.subject, split=case.split, tissue=maps)
+    maps = read_tissue(case, first, first_name) if tissue and settings.tissue_labels == "files" else None
+    prepared = prepare_image(np.stack(channels), first, settings, first_name, label, mask,
+                             subject=case.subject, split=case.split, tissue=maps)
+    if tissue and settings.tissue_labels == "gmm":
+        prepared.tissue = gmm_tissue(prepared.image[0], prepared.mask)
+    return prepared
 
 
 def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, name: str,

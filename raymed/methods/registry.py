@@ -15,10 +15,12 @@ from raymed.methods.base import Method, MethodConfig
 METHODS = {
     "ae": "raymed.methods.ae:AutoEncoderMethod",
     "vae": "raymed.methods.vae:VariationalAutoEncoderMethod",
+    "gmvae": "raymed.methods.gmvae:GaussianMixtureVAE",
     "fanogan": "raymed.methods.fanogan:FAnoGAN",
     "threshold": "raymed.methods.threshold:IntensityThreshold",
     "dae": "raymed.methods.dae:DenoisingAutoEncoder",
     "pas": "raymed.methods.pas:PseudoAnomalySynthesis",
+    "cycle": "raymed.methods.cycle:CycleTranslation",
 }
 
 

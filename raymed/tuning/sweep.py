@@ -29,7 +29,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from raymed.console import start_ray
+from raymed.console import start_ray, verbose
 from raymed.data.io import exists, join, read_bytes, write_bytes_atomic
 from raymed.engine.storage import ray_storage, storage_uri
 from raymed.engine.trainer import TrainRequest, absolute, preflight
@@ -231,7 +231,8 @@ def run_sweep(request: SweepRequest, resume: bool = False) -> "SweepReport":
                 scheduler=make_scheduler(request), num_samples=request.trials,
                 max_concurrent_trials=request.max_concurrent or default_concurrency(request),
                 trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=request.name, storage_path=storage_path, storage_filesystem=storage_fs),
+            run_config=tune.RunConfig(name=request.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                      **sweep_output(request)),
         )
     try:
         tuner.fit()
@@ -245,6 +246,38 @@ class SweepReport:
     table: pd.DataFrame  # one row per trial, in the order Tune created them
     best: dict | None  # best.json
     interrupted: bool  # some trials have not finished (continue with --resume)
+
+
+def sweep_output(request: SweepRequest) -> dict:
+    """RunConfig settings for the console: one line per trial event, or Tune's own tables with
+    --verbose; Optuna's per-trial log lines only with --verbose too."""
+    if verbose():
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return {"verbose": 0, "callbacks": [TrialProgress(request.metric)]}
+
+
+class TrialProgress(tune.Callback):
+    """One line per trial start, reported epoch and end, in place of Tune's periodic status and
+    per-trial tables (which --verbose brings back; its experiment header and error notices stay)."""
+
+    def __init__(self, metric: str, progress=print):
+        self.metric, self.progress = metric, progress
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+        self.progress(f"trial {trial.trial_id} started: {params}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "not reported"
+        self.progress(f"trial {trial.trial_id} epoch {result.get(TIME_ATTR)}: {self.metric} {shown}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.progress(f"trial {trial.trial_id} ended")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.progress(f"trial {trial.trial_id} failed (see trials.csv)")
 
 
 def trial_status(trial, finished: bool) -> str:
