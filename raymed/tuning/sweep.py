@@ -261,23 +261,23 @@ class TrialProgress(tune.Callback):
     """One line per trial start, reported epoch and end, in place of Tune's periodic status and
     per-trial tables (which --verbose brings back; its experiment header and error notices stay)."""
 
-    def __init__(self, metric: str, progress=print):
-        self.metric, self.progress = metric, progress
+    def __init__(self, metric: str):
+        self.metric = metric  # the callback is pickled with the sweep's state: it holds no function
 
     def on_trial_start(self, iteration, trials, trial, **info):
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-        self.progress(f"trial {trial.trial_id} started: {params}")
+        print(f"trial {trial.trial_id} started: {params}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "not reported"
-        self.progress(f"trial {trial.trial_id} epoch {result.get(TIME_ATTR)}: {self.metric} {shown}")
+        print(f"trial {trial.trial_id} epoch {result.get(TIME_ATTR)}: {self.metric} {shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.progress(f"trial {trial.trial_id} ended")
+        print(f"trial {trial.trial_id} ended")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.progress(f"trial {trial.trial_id} failed (see trials.csv)")
+        print(f"trial {trial.trial_id} failed (see trials.csv)")
 
 
 def trial_status(trial, finished: bool) -> str:
