@@ -164,3 +164,16 @@ def trained_run(ray_session, demo_cohort, tmp_path_factory):
         return _RUNS[key]
 
     return make
+
+
+def changed_since_phase_two(run, name: str) -> bool:
+    """Whether module `name` of a run's final model differs from the phase-boundary checkpoint
+    (the run must keep its checkpoints: `keep_checkpoints` above the epoch count)."""
+    import torch
+
+    from raymed.engine import checkpoint
+
+    states = [checkpoint.load_state(str(folder)) for folder in sorted(run.glob("checkpoint_*")) if folder.is_dir()]
+    boundary = next(s for s in states if s["position"]["phase"] == 1 and s["position"]["epoch"] == 0)
+    final, _ = checkpoint.load_method(str(run))
+    return not all(torch.equal(boundary["nets"][name][k], v) for k, v in final.nets[name].state_dict().items())

@@ -73,7 +73,7 @@ class AutoEncoderMethod(Method):
     def phases(self):
         return [Phase(
             name="reconstruct", epochs=self.config.epochs,
-            optimizers={"adam": OptimizerSpec(["autoencoder"], lr=self.config.lr)},
+            optimizers={"adam": OptimizerSpec(list(self.nets), lr=self.config.lr)},  # subclasses may add nets
             updates=[Update("adam", self.training_loss)],
         )]
 

@@ -17,7 +17,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from raymed.methods.base import OptimizerSpec, Phase, Update
 from raymed.methods.vae import VAEConfig, VariationalAutoEncoderMethod
 
 
@@ -68,13 +67,6 @@ class GaussianMixtureVAE(VariationalAutoEncoderMethod):
         kl = self.nets["prior"].kl(mu, logvar, z)
         loss = (rec + self.config.kl_weight * kl) / x[0].numel()
         return loss, {"loss": loss.item(), "reconstruction": rec.item() / x[0].numel(), "kl": kl.item()}
-
-    def phases(self):
-        return [Phase(
-            name="reconstruct", epochs=self.config.epochs,
-            optimizers={"adam": OptimizerSpec(["autoencoder", "prior"], lr=self.config.lr)},
-            updates=[Update("adam", self.training_loss)],
-        )]
 
     @torch.no_grad()
     def sample(self, n, condition=None, generator=None):
