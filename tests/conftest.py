@@ -150,20 +150,26 @@ _RUNS: dict = {}
 
 @pytest.fixture(scope="session")
 def trained_run(ray_session, demo_cohort, tmp_path_factory):
-    """Factory: `trained_run("ae")` → run folder of a tiny model trained once per session."""
+    """Factory: `trained_run("ae")` → run folder of a tiny model trained once per session;
+    `workers` and `keep_checkpoints` go to the Train run, other keywords to the config."""
     from raymed.engine.trainer import TrainRequest, train
 
-    def make(method: str, **overrides) -> str:
-        key = (method, tuple(sorted(overrides.items())))
+    def make(method: str, workers: int = 1, keep_checkpoints: int = 2, **overrides) -> str:
+        key = (method, workers, keep_checkpoints, tuple(sorted(overrides.items())))
         if key not in _RUNS:
             storage = tmp_path_factory.mktemp("runs")
-            epochs = {"fanogan": {"gan_epochs": 1, "encoder_epochs": 2}}.get(method, {"epochs": 3})
-            train(TrainRequest(method=method, source=str(demo_cohort), config=tiny_config(method, **{**epochs, **overrides}),
-                               name=method, storage=str(storage)))
+            epochs = EPOCHS.get(method, {"epochs": 3})
+            result = train(TrainRequest(method=method, source=str(demo_cohort), name=method, storage=str(storage),
+                                        config=tiny_config(method, **{**epochs, **overrides}), workers=workers,
+                                        keep_checkpoints=keep_checkpoints))
+            assert result.error is None, result.error
             _RUNS[key] = str(storage / method)
         return _RUNS[key]
 
     return make
+
+
+EPOCHS = {"fanogan": {"gan_epochs": 1, "encoder_epochs": 2}, "cycle": {"segmentation_epochs": 2, "synthesis_epochs": 2}}
 
 
 def changed_since_phase_two(run, name: str) -> bool:

@@ -2,6 +2,7 @@
 distribution, the two representations, r = |x − G(S(x))|, and both phases on two Ray Train workers."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ import torch
 from raymed.data.discovery import discover
 from raymed.data.preprocess import Preprocessing, prepare
 from raymed.data.tissue import gmm_tissue
-from raymed.engine.trainer import TrainRequest, train as train_run
 from raymed.errors import DataError
 from raymed.methods.cycle import SEMANTICS, CycleTranslation, one_hot, semantic_target
 from tests.conftest import changed_since_phase_two, tiny_config
@@ -97,15 +97,12 @@ def test_anomaly_map_is_the_cycle_residual():
     assert method.translate(torch.rand(2, SEMANTICS, 32, 32)).shape == (2, 1, 32, 32)
 
 
-def test_two_phases_on_two_workers_freeze_the_segmentor(ray_session, demo_cohort, tmp_path):
-    config = tiny_config("cycle", segmentation_epochs=2, synthesis_epochs=2)
-    result = train_run(TrainRequest(method="cycle", source=str(demo_cohort), config=config, name="run",
-                                    storage=str(tmp_path), workers=2, keep_checkpoints=10))
-    assert result.error is None
-    log = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+def test_two_phases_on_two_workers_freeze_the_segmentor(trained_run):
+    run = Path(trained_run("cycle", workers=2, keep_checkpoints=10))
+    log = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["phase"] for r in log] == ["segment"] * 2 + ["synthesize"] * 2
     assert log[1]["train/segmentation"] < log[0]["train/segmentation"]
     assert "val/auprc" in log[-1] and "train/l1" in log[-1]
     assert all(r["sync/param_diff"] == 0 for r in log if "sync/param_diff" in r)
-    assert not changed_since_phase_two(tmp_path / "run", "segmentor")
-    assert changed_since_phase_two(tmp_path / "run", "generator")
+    assert not changed_since_phase_two(run, "segmentor")
+    assert changed_since_phase_two(run, "generator")

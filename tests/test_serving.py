@@ -1,6 +1,6 @@
 """The HTTP endpoint on a real Ray Serve: started by `raymed serve` on 127.0.0.1 with a detector
-(ae, local checkpoint with a threshold) and a detector+generator (vae, checkpoint on S3), and
-talked to over real HTTP."""
+(ae, local checkpoint with a threshold), a detector+generator (vae, checkpoint on S3) and a
+detector+translator from tissue label maps (cycle), and talked to over real HTTP."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from PIL import Image
 from raymed.cli import main
 from raymed.data.discovery import Case
 from raymed.data.io import encode_nifti, read_volume
+from raymed.data.preprocess import TISSUES
 from raymed.engine.checkpoint import load_method, resolve
 from raymed.engine.inference import map_case
 from raymed.evaluation.thresholds import save_threshold
@@ -43,7 +44,8 @@ MAX_SLICES = 256
 
 @pytest.fixture(scope="module")
 def models(trained_run, s3_server, tmp_path_factory):
-    """ae: a local checkpoint folder with a stored threshold; vae: a checkpoint folder on S3."""
+    """ae: a local checkpoint folder with a stored threshold; vae: a checkpoint folder on S3;
+    cycle: the run its 2-worker test trained."""
     import boto3
 
     ae = tmp_path_factory.mktemp("served") / "ae-checkpoint"
@@ -53,7 +55,8 @@ def models(trained_run, s3_server, tmp_path_factory):
     bucket = f"raymed-serve-{time.time_ns()}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     upload_folder(resolve(trained_run("vae")), f"s3://{bucket}/vae-checkpoint")
-    return {"ae": str(ae), "vae": f"s3://{bucket}/vae-checkpoint", "ae_run": trained_run("ae")}
+    return {"ae": str(ae), "vae": f"s3://{bucket}/vae-checkpoint", "ae_run": trained_run("ae"),
+            "cycle": trained_run("cycle", workers=2, keep_checkpoints=10)}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,7 @@ def endpoint(ray_session, models, tmp_path_factory):
     key_file.write_text(KEY + "\n")
     out = subprocess.run(
         [sys.executable, "-m", "raymed.cli", "serve", "--model", f"ae={models['ae']}", "--model", f"vae={models['vae']}",
+         "--model", f"cycle={models['cycle']}",
          "--host", "127.0.0.1", "--port", str(port), "--replicas", "2", "--cpus-per-replica", "0.1",
          "--api-key-file", str(key_file), "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-slices", str(MAX_SLICES),
          "--request-timeout", "60", "--detach"],
@@ -144,7 +148,7 @@ def slice_npy(files: list[str], z: int = 16) -> bytes:
 
 def test_health_and_model_list(endpoint):
     url, http = endpoint["url"], endpoint["http"]
-    assert requests.get(f"{url}/healthz").json() == {"status": "ok", "models": ["ae", "vae"]}
+    assert requests.get(f"{url}/healthz").json() == {"status": "ok", "models": ["ae", "cycle", "vae"]}
     models = {m["name"]: m for m in http.get(f"{url}/v1/models").json()["models"]}
     assert models["ae"]["method"] == "ae" and models["ae"]["kind"] == ["detector"]
     assert models["vae"]["kind"] == ["detector", "generator"] and models["vae"]["operations"] == ["detect", "generate"]
@@ -334,6 +338,52 @@ def test_client_command_writes_the_map(endpoint, demo_cohort, tmp_path, capsys, 
     assert "401" in capsys.readouterr().err
 
 
+def tissue_labels(demo_cohort, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A test subject's tissue label map (0 background, 1 CSF, 2 GM, 3 WM) from its tissue maps, written to `path`."""
+    _, case = demo_subject(demo_cohort)
+    maps = [read_volume(str(demo_cohort / case.subject / f"{case.subject}_{t}.nii.gz")) for t in TISSUES]
+    tissue = np.stack([m.array for m in maps])
+    labels = np.concatenate([1 - tissue.sum(0, keepdims=True), tissue]).argmax(0).astype(np.uint8)
+    path.write_bytes(encode_nifti(labels, maps[0].affine))
+    return labels, maps[0].affine
+
+
+def test_cycle_paints_a_tissue_label_map_as_its_generator_does(endpoint, models, demo_cohort, tmp_path, capsys,
+                                                                monkeypatch):
+    """`raymed client translate` sends a label map; the image comes back on its grid, equal to G run in-process."""
+    import torch
+
+    from raymed.data.io import Volume
+    from raymed.data.preprocess import prepare_labels, to_source_grid
+
+    url, http = endpoint["url"], endpoint["http"]
+    labels, affine = tissue_labels(demo_cohort, tmp_path / "labels.nii.gz")
+    monkeypatch.setenv(KEY_ENV, KEY)
+    out = tmp_path / "painted.nii.gz"
+    assert main(["client", "translate", str(tmp_path / "labels.nii.gz"), "--url", url, "--model", "cycle",
+                 "--out", str(out), "--api-key-env", KEY_ENV]) == 0
+    assert "translation written" in capsys.readouterr().out
+    painted = read_volume(str(out))
+    assert painted.array.shape == (*labels.shape, 3) and np.allclose(painted.affine, affine)
+
+    method, _ = load_method(models["cycle"])
+    prepared = prepare_labels(labels, Volume(labels, affine), method.config.data, 4, "labels")
+    with torch.no_grad():
+        images = method.translate(torch.from_numpy(np.moveaxis(prepared.image, -1, 0))).numpy()
+    expected = np.stack([to_source_grid(np.moveaxis(images[:, c], 0, -1), prepared) for c in range(3)], axis=-1)
+    assert np.allclose(painted.array, expected, atol=1e-4)
+
+    info = {m["name"]: m for m in http.get(f"{url}/v1/models").json()["models"]}["cycle"]
+    assert info["operations"] == ["detect", "translate"] and info["translation_labels"] == 4
+    buffer = io.BytesIO()
+    Image.fromarray(labels[:, :, 16], mode="L").save(buffer, format="PNG")
+    painted_slice = np.load(io.BytesIO(http.post(f"{url}/v1/models/cycle/translate?output=npy",
+                                                 data=buffer.getvalue()).content))
+    assert painted_slice.shape == (1, 3, 32, 32)
+    refused = http.post(f"{url}/v1/models/cycle/translate", data=npy_bytes(np.full((32, 32), 7, np.float32)))
+    assert refused.status_code == 422 and "whole numbers 0-3; found 7" in refused.json()["detail"]
+
+
 def run_load(url: str, http_headers: dict, bodies: list[bytes], clients: int, requests_each: int,
              during=None) -> list[int]:
     """`clients` threads each sending `requests_each` detect requests; returns every status code."""
@@ -414,8 +464,8 @@ def test_serve_and_probe_serves_a_run_and_answers_one_request(endpoint, models, 
 
 
 def test_translate_runs_a_translator_and_returns_the_input_grid(demo_cohort):
-    """No registered method translates yet: the route's logic runs on a model server object holding
-    a translator (the ae network as an image-to-image map), outside Serve."""
+    """The image-to-image branch (no registered method translates images: cycle takes label maps)
+    runs on a model server object holding the ae network as a translator, outside Serve."""
     import asyncio
 
     import torch

@@ -202,40 +202,60 @@ def prepare_image(image: np.ndarray, source: Volume, settings: Preprocessing, na
     the image.
     """
     affine = torch.as_tensor(source.affine, dtype=torch.float64)
-    image = MetaTensor(torch.from_numpy(image), affine=affine)
-    orient = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
-    image = orient(image)
-    spatial = list(image.shape[1:])
-    target = (settings.size, settings.size, settings.slices or spatial[2])
-    image = Resize(target, mode="trilinear")(image) if tuple(spatial) != target else image
-
-    def follow(voxels: np.ndarray | None) -> np.ndarray | None:
-        """A mask or class-label volume onto the prepared grid (nearest neighbour)."""
-        if voxels is None:
-            return None
-        meta = orient(MetaTensor(torch.from_numpy(voxels[None].astype(np.float32)), affine=affine))
-        if tuple(meta.shape[1:]) != target:
-            meta = Resize(target, mode="nearest")(meta)
-        return np.rint(np.asarray(meta[0])).astype(np.uint8)
-
-    array = np.asarray(image, dtype=np.float32)
-    tissue_out = None
-    if tissue is not None:
-        maps = orient(MetaTensor(torch.from_numpy(tissue.astype(np.float32)), affine=affine))
-        maps = Resize(target, mode="trilinear")(maps) if tuple(maps.shape[1:]) != target else maps
-        tissue_out = np.clip(np.asarray(maps, dtype=np.float32), 0, 1)
-    mask_out = follow(mask)
-    array, mask_out = scale_intensities(array, None if mask_out is None else mask_out > 0, settings, name)
+    oriented = onto_grid(image, affine, settings, "trilinear")
+    tissue_out = None if tissue is None else np.clip(np.asarray(onto_grid(tissue, affine, settings, "trilinear"),
+                                                                dtype=np.float32), 0, 1)
+    mask_out = follow(mask, affine, settings)
+    array, mask_out = scale_intensities(np.asarray(oriented, dtype=np.float32), None if mask_out is None else mask_out > 0,
+                                        settings, name)
     return Prepared(
         subject=subject,
         image=array,
-        label=follow(label),
+        label=follow(label, affine, settings),
         mask=mask_out,
-        affine=np.asarray(image.affine, dtype=np.float64),
+        affine=np.asarray(oriented.affine, dtype=np.float64),
         source=source,
         split=split,
         tissue=tissue_out,
     )
+
+
+def prepare_labels(labels: np.ndarray, source: Volume, settings: Preprocessing, classes: int, name: str) -> Prepared:
+    """A label map (X, Y, Z) of classes 0…classes−1 on the grid of `source`, on the prepared grid
+    and one-hot as the image (classes, X, Y, Z): what a translator from label maps is given."""
+    check_labels(labels, classes, name)
+    grid = onto_grid(labels[None], torch.as_tensor(source.affine, dtype=torch.float64), settings, "nearest")
+    label = np.asarray(grid[0]).astype(np.uint8)
+    return Prepared(subject="", image=one_hot_labels(label, classes), label=label, mask=label > 0,
+                    affine=np.asarray(grid.affine, dtype=np.float64), source=source)
+
+
+def check_labels(labels: np.ndarray, classes: int, name: str) -> None:
+    """A label map holds whole numbers 0…classes−1; anything else is a DataError naming a value."""
+    values = np.unique(labels)
+    bad = values[(values != np.rint(values)) | (values < 0) | (values >= classes)]
+    if bad.size:
+        raise DataError(f"{name}: a label map holds whole numbers 0-{classes - 1}; found {bad[0]:g}")
+
+
+def one_hot_labels(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Class numbers (…) → one-hot float32 (classes, …)."""
+    return (np.arange(classes).reshape(-1, *[1] * labels.ndim) == labels).astype(np.float32)
+
+
+def onto_grid(voxels: np.ndarray, affine: torch.Tensor, settings: Preprocessing, mode: str) -> MetaTensor:
+    """(C, X, Y, Z) voxels oriented to RAS and resized to (size, size, slices or their own count)."""
+    orient = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    meta = orient(MetaTensor(torch.from_numpy(np.asarray(voxels, dtype=np.float32)), affine=affine))
+    target = (settings.size, settings.size, settings.slices or meta.shape[3])
+    return Resize(target, mode=mode)(meta) if tuple(meta.shape[1:]) != target else meta
+
+
+def follow(voxels: np.ndarray | None, affine: torch.Tensor, settings: Preprocessing) -> np.ndarray | None:
+    """A mask or class-label volume (X, Y, Z) onto the prepared grid (nearest neighbour)."""
+    if voxels is None:
+        return None
+    return np.rint(np.asarray(onto_grid(voxels[None], affine, settings, "nearest")[0])).astype(np.uint8)
 
 
 def to_source_grid(volume: np.ndarray, prepared: Prepared, mode: str = "bilinear") -> np.ndarray:

@@ -216,6 +216,12 @@ class Method:
         conditional generators (others ignore it). Generators override."""
         raise TypeError(f"method {self.name} is not a generator")
 
+    @property
+    def translation_labels(self) -> int | None:
+        """What `translate` takes: None for images preprocessed like training (the model's
+        channels); K for label maps of K classes 0…K−1, which it is given one-hot (N, K, H, W)."""
+        return None
+
     @torch.no_grad()
     def translate(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) → the translated images (N, C', H, W); translators override."""

@@ -84,10 +84,7 @@ class CycleTranslation(Method):
     "discriminator" D (semantics ⊕ image → patch logits)."""
 
     name = "cycle"
-    # G's `translate` takes semantic maps, which the endpoint's image uploads are not (they are
-    # intensity-scaled images with the model's channels): served as a detector until the endpoint
-    # takes semantic uploads.
-    kind = ("detector",)
+    kind = ("detector", "translator")
     Config = CycleConfig
 
     def build(self):
@@ -152,9 +149,15 @@ class CycleTranslation(Method):
                   [Update("d", self.discriminator_loss), Update("g", self.generator_loss)], data=data),
         ]
 
+    @property
+    def translation_labels(self) -> int:
+        """G paints images from tissue label maps: 0 background, 1 CSF, 2 GM, 3 WM."""
+        return SEMANTICS
+
     @torch.no_grad()
     def translate(self, x: torch.Tensor) -> torch.Tensor:
-        """G: semantic maps (N, SEMANTICS, H, W) — background, CSF, GM, WM — to images."""
+        """G: semantic maps (N, SEMANTICS, H, W) — background, CSF, GM, WM, one-hot or
+        probabilities — to images."""
         return self.nets["generator"](x)
 
     @torch.no_grad()

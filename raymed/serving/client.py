@@ -79,6 +79,11 @@ class Client:
                    for key in ("score", "flagged", "threshold")}
         return response.content, verdict
 
+    def translate(self, body: bytes, model: str, output: str = "nifti") -> bytes:
+        """The translated volume (on the input's grid, with its affine) or slice, as file bytes."""
+        return self._request("POST", f"/v1/models/{model}/translate", params={"output": output}, data=body,
+                             headers={"Content-Type": "application/octet-stream"}).content
+
     def generate(self, model: str, n: int = 1, seed: int | None = None, output: str = "npy",
                  condition=None) -> bytes:
         return self._request("POST", f"/v1/models/{model}/generate", params={"output": output},

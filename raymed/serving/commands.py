@@ -78,6 +78,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--out", required=True, help="output file: .npy (n, C, H, W), .png (grid) or .nii.gz")
     generate.set_defaults(run=run_generate)
 
+    translate = verbs.add_parser("translate", parents=[common], help="translate a volume or slice with a translator",
+                                 description="Translate FILE with a translator model. A model whose info has "
+                                             "`translation_labels: K` (cycle: 4) takes a label map of classes "
+                                             "0..K-1 (cycle: background, CSF, GM, WM) and paints the image.")
+    translate.add_argument("files", nargs="+", metavar="FILE", help="NIfTI (.nii/.nii.gz), PNG or NPY; local or s3://")
+    translate.add_argument("--model", required=True, help="model name")
+    translate.add_argument("--out", required=True, help="output file: .nii.gz/.nii (input's grid and affine) or .npy")
+    translate.set_defaults(run=run_translate)
+
     models = verbs.add_parser("models", parents=[common], help="list the served models")
     models.set_defaults(run=run_models)
 
@@ -175,6 +184,15 @@ def run_generate(args: argparse.Namespace) -> int:
     fmt = output_format(args.out, {".npy": "npy", ".png": "png", ".nii.gz": "nifti", ".nii": "nifti"})
     save_output(args.out, _client(args).generate(args.model, n=args.n, seed=args.seed, output=fmt))
     print(f"{args.n} image{'s' * (args.n > 1)} written to {args.out}")
+    return 0
+
+
+def run_translate(args: argparse.Namespace) -> int:
+    from raymed.serving.client import output_format, save_output, upload_body
+
+    fmt = output_format(args.out, {".nii.gz": "nifti", ".nii": "nifti", ".npy": "npy"})
+    save_output(args.out, _client(args).translate(upload_body(args.files), args.model, fmt))
+    print(f"translation written to {args.out}")
     return 0
 
 

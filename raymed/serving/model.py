@@ -16,7 +16,8 @@ from monai.transforms import Resize
 from ray import serve
 
 from raymed.data.io import join, read_bytes
-from raymed.data.preprocess import Prepared, prepare_image, scale_intensities, to_source_grid
+from raymed.data.preprocess import (Prepared, check_labels, one_hot_labels, prepare_image, prepare_labels,
+                                    scale_intensities, to_source_grid)
 from raymed.engine.checkpoint import META_FILE, load_method
 from raymed.engine.inference import VolumeMap
 from raymed.errors import DataError
@@ -37,6 +38,15 @@ def prepare_slice(image: np.ndarray, settings) -> tuple[np.ndarray, np.ndarray]:
     size = (settings.size, settings.size)
     resized = np.asarray(Resize(size, mode="bilinear")(image), dtype=np.float32) if image.shape[1:] != size else image
     return scale_intensities(resized, None, settings, "upload")
+
+
+def prepare_label_slice(labels: np.ndarray, settings, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (1, H, W) label map resized (nearest) to the training size, one-hot (classes, S, S), and its foreground."""
+    check_labels(labels, classes, "upload")
+    size = (settings.size, settings.size)
+    resized = np.asarray(Resize(size, mode="nearest")(labels), dtype=np.float32) if labels.shape[1:] != size else labels
+    label = resized[0].astype(np.uint8)
+    return one_hot_labels(label, classes), label > 0
 
 
 @serve.deployment(max_ongoing_requests=64, user_config=DEFAULT_BATCH,
@@ -82,6 +92,8 @@ class ModelServer:
             "input": {"channels": method.in_channels, "modalities": data.modalities, "size": data.size,
                       "slices": data.slices, "formats": ["nifti", "png", "npy"],
                       "normalisation": f"percentiles {data.lower_percentile}-{data.upper_percentile} inside the foreground"},
+            # translate's upload: None, an image like `input`; K, a label map of classes 0…K−1 (one channel)
+            "translation_labels": method.translation_labels,
             "threshold": image_threshold, "threshold_details": self.threshold,
             "postprocess": self.postprocess.describe(self.method), "image_score": self.image_score.model_dump(),
             "limits": self.limits.describe(),
@@ -108,31 +120,35 @@ class ModelServer:
         amap, score = self.method.anomaly_map(torch.from_numpy(np.stack(slices)).to(self.device))
         return list(zip(amap.float().cpu().numpy(), score.float().cpu().numpy().tolist()))
 
-    def _prepare(self, upload: Upload) -> tuple[np.ndarray, Prepared | None, np.ndarray]:
-        """(slices (N, C, S, S), the prepared volume or None for a slice, foreground mask) as in training."""
+    def _prepare(self, upload: Upload, labels: int | None) -> tuple[np.ndarray, Prepared | None, np.ndarray]:
+        """(slices (N, C, S, S), the prepared volume or None for a slice, foreground mask) as in
+        training; a label map of `labels` classes comes one-hot instead (N, labels, S, S)."""
         settings = self.method.config.data
         try:
             if upload.is_volume:
-                prepared = prepare_image(upload.image, upload.volume, settings, "upload")
+                prepared = (prepare_image(upload.image, upload.volume, settings, "upload") if labels is None
+                            else prepare_labels(upload.image[0], upload.volume, settings, labels, "upload"))
                 return np.ascontiguousarray(np.moveaxis(prepared.image, -1, 0)), prepared, prepared.mask
-            image, mask = prepare_slice(upload.image, settings)
+            image, mask = (prepare_slice(upload.image, settings) if labels is None
+                           else prepare_label_slice(upload.image, settings, labels))
             return image[None], None, mask
         except DataError as err:
             raise RequestError(422, "unusable_input", str(err)) from None
 
-    async def _read(self, data: bytes) -> tuple[Upload, np.ndarray, Prepared | None, np.ndarray]:
+    async def _read(self, data: bytes, labels: int | None = None) -> tuple[Upload, np.ndarray, Prepared | None, np.ndarray]:
         """Decode, validate and preprocess an upload off the event loop, so batching goes on meanwhile.
 
         Volumes are decoded a few at a time, so the replica's memory stays a small multiple of
         the per-request limit however many requests are queued.
         """
         async with self.volumes:
-            return await asyncio.to_thread(self._decode_and_prepare, data)
+            return await asyncio.to_thread(self._decode_and_prepare, data, labels)
 
-    def _decode_and_prepare(self, data: bytes) -> tuple[Upload, np.ndarray, Prepared | None, np.ndarray]:
+    def _decode_and_prepare(self, data: bytes, labels: int | None) -> tuple[Upload, np.ndarray, Prepared | None, np.ndarray]:
         settings = self.method.config.data
-        upload = decode_upload(data, self.method.in_channels, self.limits, Grid(settings.size, settings.slices))
-        return (upload, *self._prepare(upload))
+        channels = self.method.in_channels if labels is None else 1
+        upload = decode_upload(data, channels, self.limits, Grid(settings.size, settings.slices))
+        return (upload, *self._prepare(upload, labels))
 
     async def detect(self, data: bytes, output: str) -> dict:
         """Score a volume or slice; `output` 'json' gives scores only, 'nifti'/'npy' add the map."""
@@ -198,9 +214,10 @@ class ModelServer:
         return await asyncio.to_thread(run)
 
     async def translate(self, data: bytes, output: str) -> bytes:
-        """Image-to-image: a volume comes back on its own grid with its affine, a slice at the model's size."""
+        """Image-to-image, or label map to image (`translation_labels`): a volume comes back on its
+        own grid with its affine, a slice at the model's size."""
         self._require("translate")
-        upload, slices, prepared, _ = await self._read(data)
+        upload, slices, prepared, _ = await self._read(data, self.method.translation_labels)
 
         @torch.inference_mode()
         def run() -> bytes:
