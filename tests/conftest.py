@@ -135,7 +135,8 @@ TINY_NETS = {"ae": {"channels": [8, 16], "latent_size": 16}, "vae": {"channels":
              "dae": {"channels": [8, 16, 32], "norm_groups": 4, "noise_res": 8},
              "pas": {"channels": [8, 16, 32], "res_units": 1},
              "cycle": {"unet_channels": [8, 16, 32], "generator_features": 8, "residual_blocks": 1,
-                       "discriminator_features": 8, "discriminator_layers": 2}}
+                       "discriminator_features": 8, "discriminator_layers": 2},
+             **{gan: {"channels": [8, 16, 32], "latent_size": 16} for gan in ("dcgan", "lsgan", "wgangp", "acgan")}}
 
 
 def tiny_config(method: str, **overrides):
@@ -169,7 +170,8 @@ def trained_run(ray_session, demo_cohort, tmp_path_factory):
     return make
 
 
-EPOCHS = {"fanogan": {"gan_epochs": 1, "encoder_epochs": 2}, "cycle": {"segmentation_epochs": 2, "synthesis_epochs": 2}}
+EPOCHS = {"fanogan": {"gan_epochs": 1, "encoder_epochs": 2}, "cycle": {"segmentation_epochs": 2, "synthesis_epochs": 2},
+          **{gan: {"epochs": 10} for gan in ("dcgan", "lsgan", "wgangp", "acgan")}}  # ~20 steps: D can learn
 
 
 def changed_since_phase_two(run, name: str) -> bool:

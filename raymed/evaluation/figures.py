@@ -128,3 +128,70 @@ def score_histograms(panels: dict[str, dict]) -> bytes:
             ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)
+
+
+def image_grid(images: np.ndarray, rows: int, title: str, row_labels: list[str] | None = None) -> bytes:
+    """(N, C, H, W) images in [0, 1], first channel, `rows` rows filled left to right."""
+    cols = int(np.ceil(len(images) / rows))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < len(images):
+            _show(ax, images[i, 0], cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.axis("off")
+    for r, label in enumerate(row_labels or []):
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
+def similarity_distributions(distributions: dict[str, np.ndarray]) -> bytes:
+    """Histograms of max-MS-SSIM values, one per set pairing (S_S, S_R, R_R)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    edges = np.linspace(0, 1, 41)
+    for colour, (name, values) in zip(COLOURS, distributions.items()):
+        ax.hist(values, bins=edges, histtype="step", lw=1.5, color=colour, density=True,
+                label=f"{name} (median {np.median(values):.3f})")
+    ax.set(xlabel="highest MS-SSIM to another image", ylabel="density",
+           title="Max-similarity: S_S mode collapse, S_R memorisation, R_R real baseline")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def feature_pca(real: np.ndarray, synthetic: np.ndarray) -> bytes:
+    """The two-sample CNN's features of real and synthetic test images on their first two
+    principal components, each set with its one-standard-deviation ellipse."""
+    from matplotlib.patches import Ellipse
+    from sklearn.decomposition import PCA
+
+    pca = PCA(2).fit(np.concatenate([real, synthetic]))
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for colour, (name, features) in zip(("tab:blue", "tab:orange"), (("real", real), ("synthetic", synthetic))):
+        points = pca.transform(features)
+        ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.35, color=colour, label=name)
+        values, vectors = np.linalg.eigh(np.cov(points.T))
+        angle = float(np.degrees(np.arctan2(vectors[1, -1], vectors[0, -1])))
+        ax.add_patch(Ellipse(points.mean(0), 2 * np.sqrt(values[-1]), 2 * np.sqrt(values[0]), angle=angle,
+                             fill=False, color=colour, lw=2))
+    explained = pca.explained_variance_ratio_
+    ax.set(xlabel=f"PC 1 ({explained[0]:.0%})", ylabel=f"PC 2 ({explained[1]:.0%})",
+           title="Two-sample CNN features (test sets), 1 SD ellipses")
+    ax.legend(fontsize=8, markerscale=3)
+    return _png(fig)
+
+
+def template_matches(synthetic: np.ndarray, mosaic: np.ndarray, corners: np.ndarray, ncc: np.ndarray,
+                     count: int = 6) -> bytes:
+    """The synthetic images with the highest template-matching peaks next to the lattice window they match."""
+    h, w = synthetic.shape[-2:]
+    order = np.argsort(-ncc)[:count]
+    fig, axes = plt.subplots(2, len(order), figsize=(1.5 * len(order), 3.4), squeeze=False)
+    for col, i in enumerate(order):
+        y, x = corners[i]
+        _show(axes[0, col], synthetic[i, 0], cmap="gray", vmin=0, vmax=1)
+        _show(axes[1, col], mosaic[y:y + h, x:x + w], cmap="gray", vmin=0, vmax=1)
+        axes[0, col].set_title(f"NCC {ncc[i]:.2f}", fontsize=8)
+    axes[0, 0].set_ylabel("synthetic", fontsize=8)
+    axes[1, 0].set_ylabel("best real match", fontsize=8)
+    return _png(fig)

@@ -161,28 +161,45 @@ def _mean_std(result: dict, key: str) -> str:
 
 
 def find_metrics(path: str, split: str = "test") -> str:
-    """metrics.json of an evaluation folder, a run folder (RUN/evaluation/SPLIT) or the file itself."""
+    """metrics.json of an evaluation folder, a run folder (RUN/evaluation/SPLIT, else its generator
+    evaluation RUN/evaluation/generator) or the file itself."""
     path = str(path).rstrip("/")
     candidates = [path] if path.endswith(".json") else [join(path, METRICS_FILE),
-                                                           join(path, "evaluation", split, METRICS_FILE)]
+                                                           join(path, "evaluation", split, METRICS_FILE),
+                                                           join(path, "evaluation", "generator", METRICS_FILE)]
     for uri in candidates:
         if exists(uri):
             return uri
-    raise DataError(f"{path}: no {METRICS_FILE} (run `raymed evaluate` first; looked at {', '.join(candidates)})")
+    raise DataError(f"{path}: no {METRICS_FILE} (run `raymed evaluate` or `raymed evaluate-generator` first; "
+                    f"looked at {', '.join(candidates)})")
 
 
 def compare_rows(paths: list[str], split: str = "test") -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the side-by-side table: one row per method of each evaluation."""
-    headers = ["evaluation", "method"] + [name for name, _, _ in COLUMNS] + ["thresholds"]
-    rows = []
+    """Header and rows of the side-by-side table: one row per method of each detector evaluation,
+    or one per generator evaluation (the GAN evaluation framework's columns)."""
+    from raymed.evaluation.generation import GENERATOR_COLUMNS
+
+    evaluations = []
     for path in paths:
         uri = find_metrics(path, split)
         try:
             metrics = json.loads(read_bytes(uri))
-            results = metrics["results"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{uri}: not a raymed evaluation (metrics.json without results)") from None
-        for name, result in results.items():
+        except json.JSONDecodeError:
+            metrics = None
+        if not isinstance(metrics, dict) or not ("results" in metrics or "generator" in metrics):
+            raise DataError(f"{uri}: not a raymed evaluation (metrics.json without results)")
+        evaluations.append((path, metrics))
+    generators = {"generator" in m for _, m in evaluations}
+    if len(generators) > 1:
+        raise DataError("compare detector evaluations or generator evaluations, not both in one table")
+    if generators == {True}:
+        headers = ["evaluation", "method"] + [name for name, _, _ in GENERATOR_COLUMNS]
+        return headers, [[path, m["generator"]["method"]] + [fmt(lookup(m, p), spec) for _, p, spec in GENERATOR_COLUMNS]
+                         for path, m in evaluations]
+    headers = ["evaluation", "method"] + [name for name, _, _ in COLUMNS] + ["thresholds"]
+    rows = []
+    for path, metrics in evaluations:
+        for name, result in metrics["results"].items():
             rows.append([path, name] + [fmt(lookup(result, p), spec) for _, p, spec in COLUMNS]
                         + [lookup(result, ("thresholds", "origin")) or "—"])
     return headers, rows

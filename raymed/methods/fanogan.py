@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from monai.networks.nets import Discriminator, Generator, Regressor
 from pydantic import Field
 
+from raymed.methods.adversarial import gradient_penalty
 from raymed.methods.base import Method, MethodConfig, OptimizerSpec, Phase, Update, residual
 
 
@@ -77,18 +78,9 @@ class FAnoGAN(Method):
             fake = self.generate(self.noise(len(x), x))
         critic = self.nets["critic"]
         wasserstein = critic(fake).mean() - critic(x).mean()
-        penalty = self.gradient_penalty(x, fake)
+        penalty = gradient_penalty(critic, x, fake)
         loss = wasserstein + self.config.gp_weight * penalty
         return loss, {"critic": loss.item(), "wasserstein": -wasserstein.item(), "gp": penalty.item()}
-
-    def gradient_penalty(self, x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """(‖∇ D(x̂)‖ − 1)² on random interpolates, computed in fp32 outside autocast: the
-        gradient of a half-precision critic underflows, and a loss scaler would scale it."""
-        with torch.autocast(x.device.type, enabled=False):
-            alpha = torch.rand(len(x), 1, 1, 1, device=x.device)
-            mixed = (alpha * x.float() + (1 - alpha) * fake.float()).requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.nets["critic"](mixed).sum(), mixed, create_graph=True)
-            return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
     def generator_loss(self, batch):
         x = batch["image"]

@@ -21,6 +21,10 @@ METHODS = {
     "dae": "raymed.methods.dae:DenoisingAutoEncoder",
     "pas": "raymed.methods.pas:PseudoAnomalySynthesis",
     "cycle": "raymed.methods.cycle:CycleTranslation",
+    "dcgan": "raymed.methods.gan:DCGAN",
+    "lsgan": "raymed.methods.gan:LSGAN",
+    "wgangp": "raymed.methods.gan:WGANGP",
+    "acgan": "raymed.methods.gan:ACGAN",
 }
 
 
