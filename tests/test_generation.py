@@ -75,3 +75,5 @@ def test_evaluate_generator_judges_a_trained_gan_and_compare_prints_the_table(tr
     assert main(["compare", str(tmp_path / "dcgan"), str(tmp_path / "acgan"), "--markdown"]) == 0
     table = capsys.readouterr().out
     assert "| recall | specificity | Mahalanobis | Fréchet |" in table and "| acgan |" in table
+    assert main(["evaluate-generator", trained_run("ae"), "--data", str(demo_cohort)]) == 2
+    assert "ae is not a generator (kind: detector)" in capsys.readouterr().err

@@ -226,9 +226,9 @@ def test_generate_is_reproducible_in_every_format(endpoint):
     assert http.post(f"{url}/v1/models/vae/translate", data=b"x").status_code == 405
 
 
-def test_acgan_generates_the_slice_position_asked_for(endpoint):
+def test_acgan_generates_the_slice_position_asked_for(endpoint, tmp_path, monkeypatch, capsys):
     """AC-GAN's condition is the relative slice position: one seed, two positions, two images;
-    the same position again, the same image."""
+    the same position again (also from `raymed client generate --condition`), the same image."""
     url, http = endpoint["url"], endpoint["http"]
 
     def generate(condition):
@@ -238,6 +238,10 @@ def test_acgan_generates_the_slice_position_asked_for(endpoint):
 
     low, high, again = generate([0.1, 0.1]), generate([0.9, 0.9]), generate([0.1, 0.1])
     assert low.shape == (2, 3, 32, 32) and np.array_equal(low, again) and not np.allclose(low, high)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    assert main(["client", "generate", "--url", url, "--model", "acgan", "--n", "2", "--seed", "3", "--condition",
+                 "0.1", "0.1", "--out", str(tmp_path / "low.npy"), "--api-key-env", KEY_ENV]) == 0
+    assert np.array_equal(np.load(tmp_path / "low.npy"), low) and "2 images written" in capsys.readouterr().out
     assert http.post(f"{url}/v1/models/acgan/generate", json={"n": 2, "condition": [0.5]}).json()["error"] == \
         "bad_condition"
 

@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--model", required=True, help="model name")
     generate.add_argument("--n", type=int, default=1, help="number of images (default 1)")
     generate.add_argument("--seed", type=int, help="seed for reproducible samples")
+    generate.add_argument("--condition", type=float, nargs="+", metavar="P",
+                          help="one value per image for conditional generators, e.g. relative slice positions "
+                               "in [0, 1] for acgan")
     generate.add_argument("--out", required=True, help="output file: .npy (n, C, H, W), .png (grid) or .nii.gz")
     generate.set_defaults(run=run_generate)
 
@@ -182,7 +185,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from raymed.serving.client import output_format, save_output
 
     fmt = output_format(args.out, {".npy": "npy", ".png": "png", ".nii.gz": "nifti", ".nii": "nifti"})
-    save_output(args.out, _client(args).generate(args.model, n=args.n, seed=args.seed, output=fmt))
+    save_output(args.out, _client(args).generate(args.model, n=args.n, seed=args.seed, output=fmt,
+                                                 condition=args.condition))
     print(f"{args.n} image{'s' * (args.n > 1)} written to {args.out}")
     return 0
 

@@ -1,0 +1,1 @@
+"""Active learning: which scans to send to annotators next (scoring, then sampling)."""
