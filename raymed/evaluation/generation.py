@@ -210,9 +210,9 @@ def generator_report(metrics: dict, figures: list[str]) -> str:
         f"# Generator evaluation: {g['method']}", "",
         f"Checkpoint `{g['checkpoint']}`, data `{g['data']}`; sets {metrics['sets']}.", "",
         markdown_table(["method"] + [name for name, _, _ in GENERATOR_COLUMNS], [row]), "",
-        f"- Two-sample CNN ({runs} runs): recall {sd['recall']:.3f} SD, specificity {sd['specificity']:.3f} SD. "
+        f"- Two-sample CNN ({runs} runs), SD over runs: recall {sd['recall']:.3f}, specificity {sd['specificity']:.3f}. "
         "0.5 each is a generator the CNN cannot tell from real; lower distances are better.",
-        f"- Mahalanobis SD {sd['mahalanobis']:.2f}, Fréchet SD {sd['frechet']:.2f}, in the CNN's 128-unit features.",
+        f"- SD over runs: Mahalanobis {sd['mahalanobis']:.2f}, Fréchet {sd['frechet']:.2f} (in the CNN's 128-unit features).",
         f"- MS-SSIM diversity of real held-out pairs: {metrics['structure']['diversity']['real']:.3f} "
         "(synthetic above it: less diverse than real).",
         "", *[f"![{name}]({name})" for name in figures], "",
