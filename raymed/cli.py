@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "raymed.engine.commands",
     "raymed.tuning.commands",
     "raymed.evaluation.commands",
+    "raymed.active.commands",
     "raymed.cluster.commands",
     "raymed.serving.commands",
 ]

@@ -136,7 +136,8 @@ TINY_NETS = {"ae": {"channels": [8, 16], "latent_size": 16}, "vae": {"channels":
              "pas": {"channels": [8, 16, 32], "res_units": 1},
              "cycle": {"unet_channels": [8, 16, 32], "generator_features": 8, "residual_blocks": 1,
                        "discriminator_features": 8, "discriminator_layers": 2},
-             **{gan: {"channels": [8, 16, 32], "latent_size": 16} for gan in ("dcgan", "lsgan", "wgangp", "acgan")}}
+             **{gan: {"channels": [8, 16, 32], "latent_size": 16} for gan in ("dcgan", "lsgan", "wgangp", "acgan")},
+             "stylegan_ad": {"channels": [8, 16, 32], "latent_size": 16, "mapping_layers": 2}}
 
 
 def tiny_config(method: str, **overrides):
@@ -151,11 +152,11 @@ _RUNS: dict = {}
 
 @pytest.fixture(scope="session")
 def trained_run(ray_session, demo_cohort, tmp_path_factory):
-    """Factory: `trained_run("ae")` → run folder of a tiny model trained once per session;
-    `workers` and `keep_checkpoints` go to the Train run, other keywords to the config."""
+    """Factory: `trained_run("ae")` → run folder of a tiny model trained once per session (2 Ray
+    Train workers); `workers` and `keep_checkpoints` go to the Train run, other keywords to the config."""
     from raymed.engine.trainer import TrainRequest, train
 
-    def make(method: str, workers: int = 1, keep_checkpoints: int = 2, **overrides) -> str:
+    def make(method: str, workers: int = 2, keep_checkpoints: int = 2, **overrides) -> str:
         key = (method, workers, keep_checkpoints, tuple(sorted(overrides.items())))
         if key not in _RUNS:
             storage = tmp_path_factory.mktemp("runs")
@@ -170,7 +171,11 @@ def trained_run(ray_session, demo_cohort, tmp_path_factory):
     return make
 
 
-EPOCHS = {"fanogan": {"gan_epochs": 1, "encoder_epochs": 2}, "cycle": {"segmentation_epochs": 2, "synthesis_epochs": 2},
+# Each method's shared run; the engine's 2-worker test of a method checks this very run.
+EPOCHS = {**{m: {"epochs": 6, "lr": 1e-3} for m in ("ae", "vae", "gmvae")}, "dae": {"epochs": 4, "lr": 1e-3},
+          "fanogan": {"gan_epochs": 2, "encoder_epochs": 6, "n_critic": 2, "lr": 1e-3, "train.batch_size": 4},
+          "cycle": {"segmentation_epochs": 2, "synthesis_epochs": 2},
+          "stylegan_ad": {"gan_epochs": 10, "encoder_epochs": 2},
           **{gan: {"epochs": 10} for gan in ("dcgan", "lsgan", "wgangp", "acgan")}}  # ~20 steps: D can learn
 
 

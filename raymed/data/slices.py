@@ -56,6 +56,11 @@ class SliceSet:
         return out
 
     @property
+    def keys(self) -> list[tuple[str, int]]:
+        """(subject, slice index) of each sample: what a slice list names."""
+        return [(subject, int(i)) for subject, i in zip(self.subject, self.index)]
+
+    @property
     def lesion(self) -> np.ndarray:
         """Per-sample flag: does it contain any lesion voxel."""
         return self.label.reshape(len(self), -1).any(axis=1)
@@ -130,6 +135,31 @@ def load_slices(cases: list[Case], settings: Preprocessing, healthy_only: bool =
             if report:
                 report(f"skipped: {err}")
     return concat(sets)
+
+
+def write_slice_list(uri: str, keys: Iterable[tuple[str, int]]) -> None:
+    """A CSV of `subject,slice` rows: the slices a phase trains on (`PhaseData.slice_list`)."""
+    from raymed.data.io import write_bytes_atomic
+
+    rows = ["subject,slice"] + [f"{subject},{index}" for subject, index in keys]
+    write_bytes_atomic(uri, ("\n".join(rows) + "\n").encode())
+
+
+def read_slice_list(uri: str) -> set[tuple[str, int]]:
+    from raymed.data.io import read_bytes
+
+    lines = read_bytes(uri).decode().splitlines()
+    if not lines or lines[0].strip() != "subject,slice":
+        raise DataError(f"{uri}: a slice list is a CSV with the header 'subject,slice'")
+    keys = set()
+    for number, line in enumerate(lines[1:], start=2):
+        subject, _, index = line.rpartition(",")
+        if not subject or not index.strip().isdigit():
+            raise DataError(f"{uri}, line {number}: expected 'subject,slice', got {line!r}")
+        keys.add((subject, int(index)))
+    if not keys:
+        raise DataError(f"{uri}: the slice list is empty")
+    return keys
 
 
 class SliceDataset(Dataset):

@@ -26,7 +26,7 @@ from torch import nn
 
 from raymed.data.augment import augment, transforms
 from raymed.data.discovery import Case, discover
-from raymed.data.slices import SliceSet, load_slices
+from raymed.data.slices import SliceSet, load_slices, read_slice_list
 from raymed.data.splits import assign_splits, select
 from raymed.engine import checkpoint as ckpt
 from raymed.engine.validation import (AnomalyValidation, all_reduce, broadcast, run_validator,
@@ -94,10 +94,18 @@ def load_share(cases: list[Case], data: PhaseData, config: MethodConfig, rank: i
     """This worker's share of a phase's slices: its subjects, or every k-th slice when the phase
     has fewer subjects than workers."""
     subjects = phase_subjects(cases, data)
-    by_slice = len(subjects) < world
+    chosen = read_slice_list(data.slice_list) if data.slice_list else None
+    if chosen is not None:
+        subjects = [c for c in subjects if c.subject in {subject for subject, _ in chosen}]
+    by_slice = len(subjects) < world or chosen is not None
     slices = load_slices(subjects if by_slice else subjects[rank::world], config.data,
                          healthy_only=data.slices == "healthy", min_brain=config.data.min_brain,
                          skip_bad=config.data.skip_bad, tissue="tissue" in data.fields)
+    if chosen is not None:
+        slices = slices.take(np.flatnonzero([key in chosen for key in slices.keys]))
+        if len(slices) < len(chosen):
+            raise DataError(f"{data.slice_list}: {len(chosen) - len(slices)} of its slices are not training slices "
+                            f"of the {data.split} split")
     return slices.take(np.arange(rank, len(slices), world)) if by_slice else slices
 
 

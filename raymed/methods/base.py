@@ -106,7 +106,9 @@ class PhaseData:
     """What a phase trains on.
 
     `slices`: healthy (no lesion voxel) or all; `labelled`: only k subjects with a label file,
-    drawn by `labelled_seed` (few-label fine-tuning); `fields`: the batch keys the phase reads;
+    drawn by `labelled_seed` (few-label fine-tuning); `slice_list`: a CSV of `subject,slice` rows,
+    the exact slices to train on (an active-learning round's labelled set; the split's slices
+    otherwise); `fields`: the batch keys the phase reads;
     `batch_size`/`augment`: None takes `train.batch_size`/`train.augment`.
     """
 
@@ -114,6 +116,7 @@ class PhaseData:
     slices: Literal["healthy", "all"] = "healthy"
     labelled: int | None = None
     labelled_seed: int = 0
+    slice_list: str | None = None
     fields: tuple[str, ...] = ("image",)
     batch_size: int | None = None
     augment: Augmentation | None = None

@@ -54,6 +54,9 @@ class DenoisingConfig(MethodConfig):
     labelled_subjects: int | None = Field(5, ge=1, description="segment: train on this many labelled subjects "
                                                                "(Holzschuh's few-label regime); None: all")
     labelled_seed: int = Field(0, description="segment: which labelled subjects are drawn")
+    labelled_slices: str | None = Field(None, description="segment: a CSV of subject,slice rows, the exact "
+                                        "training slices to learn from (an active-learning round); "
+                                        "labelled_subjects is then ignored")
     classes: list[int] | None = Field(None, min_length=1, description="segment: the label values to tell "
                                       "apart (e.g. BraTS [1, 2, 4]), other values are background; None: "
                                       "the whole lesion as one class")
@@ -156,8 +159,8 @@ class DenoisingAutoEncoder(Method):
         if c.task == "denoise":
             return [Phase("denoise", c.epochs, optimizer, [Update("adam", self.denoising_loss)],
                           data=PhaseData(fields=("image", "mask")))]
-        data = PhaseData(slices="all", labelled=c.labelled_subjects, labelled_seed=c.labelled_seed,
-                         fields=("image", "mask", "label"))
+        data = PhaseData(slices="all", labelled=None if c.labelled_slices else c.labelled_subjects,
+                         labelled_seed=c.labelled_seed, slice_list=c.labelled_slices, fields=("image", "mask", "label"))
         return [Phase("segment", c.epochs, optimizer, [Update("adam", self.segmentation_loss)], data=data,
                       validation=self.validate, metric="val/loss", mode="min",
                       early_stopping=EarlyStopping(patience=c.patience))]

@@ -25,6 +25,7 @@ METHODS = {
     "lsgan": "raymed.methods.gan:LSGAN",
     "wgangp": "raymed.methods.gan:WGANGP",
     "acgan": "raymed.methods.gan:ACGAN",
+    "stylegan_ad": "raymed.methods.stylegan_ad:StyleGANAD",
 }
 
 
