@@ -1,7 +1,7 @@
 """The HTTP endpoint on a real Ray Serve: started by `raymed serve` on 127.0.0.1 with a detector
-(ae, local checkpoint with a threshold), a detector+generator (vae, checkpoint on S3) and a
-detector+translator from tissue label maps (cycle) and a conditional generator (acgan), and
-talked to over real HTTP."""
+(ae, local checkpoint with a threshold), a detector+generator (vae, checkpoint on S3), a
+detector+translator from tissue label maps (cycle) and conditional generators (acgan, stylegan_ad),
+and talked to over real HTTP."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def models(trained_run, s3_server, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     upload_folder(resolve(trained_run("vae")), f"s3://{bucket}/vae-checkpoint")
     return {"ae": str(ae), "vae": f"s3://{bucket}/vae-checkpoint", "ae_run": trained_run("ae"),
-            "cycle": trained_run("cycle", workers=2, keep_checkpoints=10), "acgan": trained_run("acgan", workers=2)}
+            "cycle": trained_run("cycle", workers=2, keep_checkpoints=10), "acgan": trained_run("acgan", workers=2),
+            "stylegan_ad": trained_run("stylegan_ad", workers=2)}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,7 @@ def endpoint(ray_session, models, tmp_path_factory):
     out = subprocess.run(
         [sys.executable, "-m", "raymed.cli", "serve", "--model", f"ae={models['ae']}", "--model", f"vae={models['vae']}",
          "--model", f"cycle={models['cycle']}", "--model", f"acgan={models['acgan']}",
+         "--model", f"stylegan_ad={models['stylegan_ad']}",
          "--host", "127.0.0.1", "--port", str(port), "--replicas", "2", "--cpus-per-replica", "0.1",
          "--api-key-file", str(key_file), "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-slices", str(MAX_SLICES),
          "--request-timeout", "60", "--detach"],
@@ -149,7 +151,8 @@ def slice_npy(files: list[str], z: int = 16) -> bytes:
 
 def test_health_and_model_list(endpoint):
     url, http = endpoint["url"], endpoint["http"]
-    assert requests.get(f"{url}/healthz").json() == {"status": "ok", "models": ["acgan", "ae", "cycle", "vae"]}
+    served = ["acgan", "ae", "cycle", "stylegan_ad", "vae"]
+    assert requests.get(f"{url}/healthz").json() == {"status": "ok", "models": served}
     models = {m["name"]: m for m in http.get(f"{url}/v1/models").json()["models"]}
     assert models["ae"]["method"] == "ae" and models["ae"]["kind"] == ["detector"]
     assert models["vae"]["kind"] == ["detector", "generator"] and models["vae"]["operations"] == ["detect", "generate"]
@@ -226,23 +229,25 @@ def test_generate_is_reproducible_in_every_format(endpoint):
     assert http.post(f"{url}/v1/models/vae/translate", data=b"x").status_code == 405
 
 
-def test_acgan_generates_the_slice_position_asked_for(endpoint, tmp_path, monkeypatch, capsys):
-    """AC-GAN's condition is the relative slice position: one seed, two positions, two images;
+@pytest.mark.parametrize("name", ["acgan", "stylegan_ad"])
+def test_a_conditional_generator_generates_the_slice_position_asked_for(endpoint, tmp_path, monkeypatch, capsys,
+                                                                      name):
+    """The condition is the relative slice position: one seed, two positions, two images;
     the same position again (also from `raymed client generate --condition`), the same image."""
     url, http = endpoint["url"], endpoint["http"]
 
     def generate(condition):
-        answer = http.post(f"{url}/v1/models/acgan/generate", json={"n": 2, "seed": 3, "condition": condition})
+        answer = http.post(f"{url}/v1/models/{name}/generate", json={"n": 2, "seed": 3, "condition": condition})
         assert answer.status_code == 200, answer.text
         return np.load(io.BytesIO(answer.content))
 
     low, high, again = generate([0.1, 0.1]), generate([0.9, 0.9]), generate([0.1, 0.1])
     assert low.shape == (2, 3, 32, 32) and np.array_equal(low, again) and not np.allclose(low, high)
     monkeypatch.setenv(KEY_ENV, KEY)
-    assert main(["client", "generate", "--url", url, "--model", "acgan", "--n", "2", "--seed", "3", "--condition",
+    assert main(["client", "generate", "--url", url, "--model", name, "--n", "2", "--seed", "3", "--condition",
                  "0.1", "0.1", "--out", str(tmp_path / "low.npy"), "--api-key-env", KEY_ENV]) == 0
     assert np.array_equal(np.load(tmp_path / "low.npy"), low) and "2 images written" in capsys.readouterr().out
-    assert http.post(f"{url}/v1/models/acgan/generate", json={"n": 2, "condition": [0.5]}).json()["error"] == \
+    assert http.post(f"{url}/v1/models/{name}/generate", json={"n": 2, "condition": [0.5]}).json()["error"] == \
         "bad_condition"
 
 
