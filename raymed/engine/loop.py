@@ -96,7 +96,8 @@ def load_share(cases: list[Case], data: PhaseData, config: MethodConfig, rank: i
     subjects = phase_subjects(cases, data)
     chosen = read_slice_list(data.slice_list) if data.slice_list else None
     if chosen is not None:
-        subjects = [c for c in subjects if c.subject in {subject for subject, _ in chosen}]
+        listed = {subject for subject, _ in chosen}
+        subjects = [c for c in subjects if c.subject in listed]
     by_slice = len(subjects) < world or chosen is not None
     slices = load_slices(subjects if by_slice else subjects[rank::world], config.data,
                          healthy_only=data.slices == "healthy", min_brain=config.data.min_brain,
