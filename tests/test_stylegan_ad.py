@@ -27,6 +27,25 @@ def test_demodulation_makes_a_convolution_blind_to_the_style_scale():
     assert 0.5 < out.std() < 2  # unit-variance input stays near unit variance
 
 
+def test_the_modulated_convolution_equals_one_with_a_modulated_weight_per_sample():
+    """The paper's form: w'_oik = s_i·w_oik, demodulated by 1/‖w'_o‖, convolved per sample."""
+    torch.manual_seed(0)
+    conv = ModulatedConv(4, 6, 3, style_size=8)
+    x, w = torch.randn(3, 4, 8, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        reference = []
+        for xi, si in zip(x, conv.affine(w)):
+            weight = conv.weight * conv.scale * si[None, :, None, None]
+            weight = weight / weight.pow(2).sum((1, 2, 3), keepdim=True).sqrt()
+            reference.append(torch.nn.functional.conv2d(xi[None], weight, padding=1))
+        assert torch.allclose(conv(x, w), torch.cat(reference), atol=1e-5)
+
+
+def test_r1_weight_follows_the_resolution_heuristic_unless_set():
+    assert StyleGANAD(tiny_config("stylegan_ad"), 1).r1_gamma == 0.0002 * 32**2 / 8
+    assert StyleGANAD(tiny_config("stylegan_ad", r1_gamma=10.0), 1).r1_gamma == 10.0
+
+
 def test_the_slice_position_conditions_the_generator_and_eval_mode_is_deterministic():
     method = StyleGANAD(tiny_config("stylegan_ad"), 1)
     method.nets.eval()

@@ -36,6 +36,10 @@ class TwoSampleCNN(nn.Module):
         self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * (size // 16) ** 2, features),
                                       nn.LeakyReLU(0.2))
         self.head = nn.Linear(features, 1)
+        for module in self.modules():  # He initialisation for LeakyReLU: eight plain convolutions
+            if isinstance(module, (nn.Conv2d, nn.Linear)):  # shrink the signal under PyTorch's default
+                nn.init.kaiming_normal_(module.weight, a=0.2)
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))[:, 0]

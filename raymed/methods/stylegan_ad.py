@@ -6,7 +6,9 @@ Phase "gan": a style-based generator conditioned on the relative slice position
 `Discriminator` trunk φ and head ψ, with logit ψ(φ(x)) + ⟨e(p), φ(x)⟩ for a position embedding e.
 Non-saturating logistic loss, lazy R1 regularisation on real images (γ/2·‖∇D(x)‖², every
 `r1_every` D steps, scaled by that interval), Adam lr 2e-3, β = (0, 0.99), the mapping network at
-0.01× the learning rate: StyleGAN2's defaults.
+0.01× the learning rate: StyleGAN2's defaults. γ defaults to StyleGAN2-ADA's heuristic
+0.0002·N²/M for N² images in batches of M: FFHQ's γ = 10 is meant for 1024², and at 64² it flattens
+D until it cannot tell real from fake.
 
 Phase "encoder": G and D frozen, an encoder E (MONAI `Regressor`) learns to map images to w, the
 generator's intermediate latent space, with f-AnoGAN's izi_f loss; a reconstruction is
@@ -38,7 +40,8 @@ class StyleGANADConfig(MethodConfig):
     mapping_lr_multiplier: float = Field(0.01, gt=0)
     beta1: float = Field(0.0, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
-    r1_gamma: float = Field(10.0, ge=0, description="R1 weight γ; 0 disables")
+    r1_gamma: float | None = Field(None, ge=0, description="R1 weight γ; 0 disables; none: StyleGAN2-ADA's "
+                                                       "heuristic 0.0002·size²/batch")
     r1_every: int = Field(16, ge=1, description="lazy regularisation: R1 every N steps")
     encoder_lr: float = Field(1e-4, gt=0)
     kappa: float = Field(1.0, ge=0, description="λ: weight of the D-feature term in izi_f and in the score")
@@ -74,7 +77,7 @@ class StyleGANAD(FAnoGAN):
         c = self.config
         betas = (c.beta1, c.beta2)
         updates = [Update("discriminator", self.discriminator_loss)]
-        if c.r1_gamma > 0:
+        if self.r1_gamma > 0:
             updates.append(Update("discriminator", self.r1_loss, every=c.r1_every))
         updates.append(Update("generator", self.generator_loss))
         return [
@@ -86,6 +89,11 @@ class StyleGANAD(FAnoGAN):
             Phase("encoder", c.encoder_epochs, {"encoder": OptimizerSpec(["encoder"], lr=c.encoder_lr)},
                   [Update("encoder", self.encoder_loss)], frozen=["mapping", "synthesis", "critic", "projection"]),
         ]
+
+    @property
+    def r1_gamma(self) -> float:
+        c = self.config
+        return c.r1_gamma if c.r1_gamma is not None else 0.0002 * c.data.size ** 2 / c.train.batch_size
 
     def generate(self, z: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         return self.paint(self.nets["mapping"](z, position))
@@ -123,7 +131,7 @@ class StyleGANAD(FAnoGAN):
             x = batch["image"].float().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.discriminate(x, batch["position"]).sum(), x, create_graph=True)
             penalty = grad.pow(2).flatten(1).sum(1).mean()
-        return self.config.r1_gamma / 2 * penalty * self.config.r1_every, {"r1": penalty.item()}
+        return self.r1_gamma / 2 * penalty * self.config.r1_every, {"r1": penalty.item()}
 
     def generator_loss(self, batch):
         fake, position = self.fake_batch(batch)
