@@ -70,7 +70,9 @@ def test_fanogan_worker_killed_in_phase_two_restarts_from_the_boundary(ray_sessi
     thread.start()
     run = tmp_path / "crash"
     deadline = time.time() + 180
-    while time.time() < deadline and not list(run.glob("checkpoint_*")):  # the phase-boundary checkpoint
+    # the phase-boundary checkpoint, once the controller has committed it (its report is logged)
+    while time.time() < deadline and not (list(run.glob("checkpoint_*")) and (run / "metrics.jsonl").exists()
+                                          and any(r["phase"] == "gan" and r["epoch"] == 2 for r in metrics_log(run))):
         time.sleep(0.05)
     victims = _worker_pids()
     assert victims, "no training worker process found"
