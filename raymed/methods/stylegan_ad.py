@@ -7,8 +7,8 @@ Phase "gan": a style-based generator conditioned on the relative slice position
 Non-saturating logistic loss, lazy R1 regularisation on real images (γ/2·‖∇D(x)‖², every
 `r1_every` D steps, scaled by that interval), Adam lr 2e-3, β = (0, 0.99), the mapping network at
 0.01× the learning rate: StyleGAN2's defaults. γ defaults to StyleGAN2-ADA's heuristic
-0.0002·N²/M for N² images in batches of M: FFHQ's γ = 10 is meant for 1024², and at 64² it flattens
-D until it cannot tell real from fake.
+0.0002·N²/M for N² images in batches of M: FFHQ's γ = 10 is meant for 1024²; at 64² it left D's
+logits for real and generated slices both strongly negative.
 
 Phase "encoder": G and D frozen, an encoder E (MONAI `Regressor`) learns to map images to w, the
 generator's intermediate latent space, with f-AnoGAN's izi_f loss; a reconstruction is
