@@ -10,7 +10,7 @@ import torch
 from raymed.data.discovery import discover
 from raymed.data.slices import load_slices
 from raymed.engine.checkpoint import load_method
-from raymed.methods.style import ModulatedConv
+from raymed.methods.style import MappingNetwork, ModulatedConv
 from raymed.methods.stylegan_ad import StyleGANAD
 from tests.conftest import tiny_config
 
@@ -39,6 +39,14 @@ def test_the_modulated_convolution_equals_one_with_a_modulated_weight_per_sample
             weight = weight / weight.pow(2).sum((1, 2, 3), keepdim=True).sqrt()
             reference.append(torch.nn.functional.conv2d(xi[None], weight, padding=1))
         assert torch.allclose(conv(x, w), torch.cat(reference), atol=1e-5)
+
+
+def test_the_mapping_network_keeps_z_in_w():
+    """Eight LeakyReLU layers without StyleGAN2's √2 gain shrink w to a spread of ~0.03: every z
+    then gives nearly the same styles, the samples hardly differ, and training collapsed."""
+    torch.manual_seed(0)
+    w = MappingNetwork(64, 64, 8)(torch.randn(256, 64), torch.rand(256))
+    assert w.std(0).mean() > 0.3
 
 
 def test_r1_weight_follows_the_resolution_heuristic_unless_set():

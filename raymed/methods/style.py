@@ -1,8 +1,8 @@
 """A style-based generator (Karras et al., StyleGAN/StyleGAN2) conditioned on the slice's position.
 
 - `MappingNetwork`: z (normalised) ⊕ an embedding of the relative slice position → w, through an
-  MLP of equalised-learning-rate layers with LeakyReLU 0.2 (StyleGAN2-ADA's conditioning: the
-  class embedding joins z before mapping). A position is a number in [0, 1], so it is embedded by
+  MLP of equalised-learning-rate layers with LeakyReLU 0.2 and StyleGAN2's √2 activation gain
+  (StyleGAN2-ADA's conditioning: the class embedding joins z before mapping). A position is a number in [0, 1], so it is embedded by
   a small MLP rather than a class table.
 - `SynthesisNetwork`: a learned constant, then per resolution a bilinear ×2 upsample and two
   modulated/demodulated 3×3 convolutions with per-pixel noise, and a 1×1 modulated to-image
@@ -36,6 +36,18 @@ class EqualLinear(nn.Module):
         return F.linear(x, self.weight * self.scale, self.bias)
 
 
+class ScaledLeakyReLU(nn.LeakyReLU):
+    """LeakyReLU 0.2 times √2 (StyleGAN2's activation gain): it keeps a unit-variance signal at
+    unit variance, so w does not shrink through the eight mapping layers (without the gain it does,
+    to ~0.03 after eight, and z then hardly changes the styles)."""
+
+    def __init__(self):
+        super().__init__(0.2)
+
+    def forward(self, x):
+        return super().forward(x) * math.sqrt(2)
+
+
 class PositionEmbedding(nn.Sequential):
     """Relative slice position (N,) in [0, 1] → an embedding (N, size): an MLP with `hidden` units
     over the cosine basis cos(πkp), k = 0…7 (a plain linear map of p would be scaled away by the
@@ -44,7 +56,7 @@ class PositionEmbedding(nn.Sequential):
     frequencies = 8
 
     def __init__(self, size: int, hidden: int):
-        super().__init__(EqualLinear(self.frequencies, hidden), nn.LeakyReLU(0.2), EqualLinear(hidden, size))
+        super().__init__(EqualLinear(self.frequencies, hidden), ScaledLeakyReLU(), EqualLinear(hidden, size))
 
     def forward(self, position):
         k = torch.arange(self.frequencies, device=position.device)
@@ -63,7 +75,7 @@ class MappingNetwork(nn.Module):
         self.embed = PositionEmbedding(latent_size, latent_size)
         mlp: list[nn.Module] = []
         for i in range(layers):
-            mlp += [EqualLinear(2 * latent_size if i == 0 else style_size, style_size), nn.LeakyReLU(0.2)]
+            mlp += [EqualLinear(2 * latent_size if i == 0 else style_size, style_size), ScaledLeakyReLU()]
         self.mlp = nn.Sequential(*mlp)
 
     def forward(self, z, position):
@@ -108,7 +120,7 @@ class StyleLayer(nn.Module):
     def forward(self, x, w):
         x = self.conv(x, w)
         noise = torch.randn_like(x[:, :1]) if self.training else self.fixed_noise.to(x.dtype)
-        return F.leaky_relu(x + self.noise_strength * noise + self.bias[None, :, None, None], 0.2)
+        return F.leaky_relu(x + self.noise_strength * noise + self.bias[None, :, None, None], 0.2) * math.sqrt(2)
 
 
 class SynthesisNetwork(nn.Module):
