@@ -34,3 +34,13 @@ def train_logging():
     from ray.train import LoggingConfig
 
     return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
+def quiet_data() -> None:
+    """Ray Data's progress bars and per-dataset log lines on the driver only when verbose: the
+    commands print their own progress."""
+    import ray.data
+
+    if not verbose():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)

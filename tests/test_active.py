@@ -72,7 +72,7 @@ def test_a_slice_list_makes_a_phase_train_on_exactly_those_slices(demo_cohort, t
     from raymed.data.discovery import discover
     from raymed.data.slices import load_slices, write_slice_list
     from raymed.data.splits import assign_splits, select
-    from raymed.engine.loop import load_share
+    from raymed.engine.feed import load_share
     from raymed.errors import DataError
     from raymed.methods.base import PhaseData
     from tests.conftest import tiny_config

@@ -32,11 +32,19 @@ class Case:
     mask: str | None = None
     split: str | None = None
     extras: dict[str, str] = field(default_factory=dict)
+    prepared: str | None = None  # the prepared dataset (`raymed data prepare`) its volume is read from
 
 
 def discover(source: str, pattern: str | None = None) -> list[Case]:
-    """Cases in `source`: a manifest file (.csv/.json), or a folder in BraTS layout or `pattern`."""
+    """Cases in `source`: a prepared dataset, a manifest file (.csv/.json), or a folder in BraTS
+    layout or `pattern`."""
+    from raymed.data.prepared import PreparedDataset, is_prepared
+
     source = str(source).rstrip("/")
+    if is_prepared(source):
+        if pattern:
+            raise DataError(f"{source} is a prepared dataset: it takes no --pattern")
+        return PreparedDataset.open(source).cases()
     lower = source.lower()
     if lower.endswith((".csv", ".json")):
         cases = from_manifest(source)

@@ -180,7 +180,12 @@ def read_tissue(case: Case, reference: Volume, reference_name: str) -> np.ndarra
 
 def prepare(case: Case, settings: Preprocessing, tissue: bool = False) -> Prepared:
     """Read, orient to RAS, resize in-plane to `settings.size`, mask and normalise one case
-    (and bring its tissue maps onto the same grid when `tissue`)."""
+    (and bring its tissue maps onto the same grid when `tissue`). A case of a prepared dataset is
+    read back from its records (`raymed.data.prepared`)."""
+    if case.prepared:
+        from raymed.data.prepared import PreparedDataset
+
+        return PreparedDataset.open(case.prepared).volume(case.subject, settings, tissue)
     modalities = settings.modalities or sorted(case.images)
     channels, label, mask, first = read_case(case, modalities)
     first_name = case.images[modalities[0]]

@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import resource
 import tempfile
 import time
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -26,20 +26,23 @@ from torch import nn
 
 from raymed.data.augment import augment, transforms
 from raymed.data.discovery import Case, discover
-from raymed.data.slices import SliceSet, load_slices, read_slice_list
+from raymed.data.prepared import PreparedDataset
+from raymed.data.slices import SliceSet, load_slices
 from raymed.data.splits import assign_splits, select
 from raymed.engine import checkpoint as ckpt
+from raymed.engine.feed import MemoryShare, StreamShare, load_share, phase_fields
 from raymed.engine.validation import (AnomalyValidation, all_reduce, broadcast, run_validator,
                                      validation_subjects)
-from raymed.errors import DataError
-from raymed.methods.base import Method, MethodConfig, Phase, PhaseData, Schedule
+from raymed.methods.base import Method, MethodConfig, Phase, Schedule
 from raymed.methods.registry import build_config, method_class
 
 PHASE_WEIGHT = 1e6  # checkpoint score = phase index × this + metric: later phases outrank earlier ones
 
 
 def train_loop(job: dict) -> None:
-    """Ray Train entry point. `job`: method, config (dict), source, pattern, in_channels, cpus_per_worker."""
+    """Ray Train entry point. `job`: method, config (dict), source, pattern, in_channels, cpus_per_worker,
+    and for a prepared dataset `streams`: phase index → the rows of each worker's split."""
+    started = time.time()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # the driver prints one line per epoch instead
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -61,9 +64,19 @@ def train_loop(job: dict) -> None:
     phases = method.phases()
     val_cases = validation_subjects(select(cases, "val"), config.train.max_val_subjects)[rank::world]
     validation = Validation(method, val_cases, config)
+    streams = {int(k): v for k, v in (job.get("streams") or {}).items()}
+    shapes = PreparedDataset.open(job["source"]).manifest["shapes"] if streams else None
+    clock = {"started": started}
     for index in range(position["phase"], len(phases)):
         mid_phase = state is not None and index == saved["phase"] and saved["epoch"] > 0
-        PhaseRun(method, phases, index, cases, validation, device, rank, world).run(position, state if mid_phase else None)
+        data = phases[index].data
+        batch_size = data.batch_size or config.train.batch_size
+        if streams:
+            share = StreamShare(f"phase{index}", streams[index], batch_size, config.train.shuffle_buffer, shapes, device)
+        else:
+            share = MemoryShare(load_share(cases, data, config, rank, world), batch_size, device)
+        PhaseRun(method, phases, index, share, validation, device, rank, world, clock).run(
+            position, state if mid_phase else None)
 
 
 def _restore(method: Method) -> dict | None:
@@ -75,39 +88,6 @@ def _restore(method: Method) -> dict | None:
     for name, weights in state["nets"].items():
         method.nets[name].load_state_dict(weights)
     return state
-
-
-def phase_subjects(cases: list[Case], data: PhaseData) -> list[Case]:
-    """The subjects a phase trains on: its split, or k of its labelled subjects drawn by seed."""
-    subjects = select(cases, data.split)
-    if data.labelled is None:
-        return subjects
-    labelled = [c for c in subjects if c.label]
-    if len(labelled) < data.labelled:
-        raise DataError(f"a phase needs {data.labelled} labelled subjects in the {data.split} split; "
-                        f"it has {len(labelled)}")
-    order = np.random.default_rng(data.labelled_seed).permutation(len(labelled))[:data.labelled]
-    return [labelled[i] for i in sorted(order)]
-
-
-def load_share(cases: list[Case], data: PhaseData, config: MethodConfig, rank: int, world: int) -> SliceSet:
-    """This worker's share of a phase's slices: its subjects, or every k-th slice when the phase
-    has fewer subjects than workers."""
-    subjects = phase_subjects(cases, data)
-    chosen = read_slice_list(data.slice_list) if data.slice_list else None
-    if chosen is not None:
-        listed = {subject for subject, _ in chosen}
-        subjects = [c for c in subjects if c.subject in listed]
-    by_slice = len(subjects) < world or chosen is not None
-    slices = load_slices(subjects if by_slice else subjects[rank::world], config.data,
-                         healthy_only=data.slices == "healthy", min_brain=config.data.min_brain,
-                         skip_bad=config.data.skip_bad, tissue="tissue" in data.fields)
-    if chosen is not None:
-        slices = slices.take(np.flatnonzero([key in chosen for key in slices.keys]))
-        if len(slices) < len(chosen):
-            raise DataError(f"{data.slice_list}: {len(chosen) - len(slices)} of its slices are not training slices "
-                            f"of the {data.split} split")
-    return slices.take(np.arange(rank, len(slices), world)) if by_slice else slices
 
 
 class Validation:
@@ -147,15 +127,14 @@ class Objective(nn.Module):
 class PhaseRun:
     """One phase on one worker: data, wrappers, optimizers, schedulers, epochs, early stopping."""
 
-    def __init__(self, method: Method, phases: list[Phase], index: int, cases: list[Case], validation: Validation,
-                 device, rank: int, world: int):
+    def __init__(self, method: Method, phases: list[Phase], index: int, share: MemoryShare | StreamShare,
+                 validation: Validation, device, rank: int, world: int, clock: dict):
         self.method, self.phases, self.index, self.phase = method, phases, index, phases[index]
         self.config, self.validation, self.device, self.rank, self.world = method.config, validation, device, rank, world
         data = self.phase.data
-        self.fields = tuple(dict.fromkeys(("image", *data.fields)))
-        self.train = load_share(cases, data, self.config, rank, world)
-        self.batch_size = data.batch_size or self.config.train.batch_size
-        self.batches = common_batches(len(self.train), self.batch_size, device)
+        self.fields = phase_fields(data)
+        self.share, self.batch_size, self.batches = share, share.batch_size, share.batches
+        self.clock = clock  # when this worker started, and (once) how long until its first step
         self.augmentation = data.augment or self.config.train.augment
         self.early = {"best": None, "bad": 0, "best_epoch": 0}
         self.best_nets: dict | None = None
@@ -207,6 +186,7 @@ class PhaseRun:
                        "epoch_s": seconds}
             if self.optimizers:
                 metrics["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+            metrics.update(self.footprint())
             if (epoch + 1) % config.train.val_every and epoch + 1 < phase.epochs:
                 ray.train.report(metrics)
                 continue
@@ -227,12 +207,10 @@ class PhaseRun:
     def epoch(self, epoch: int, position: dict) -> dict:
         config = self.config
         seed = config.train.seed * 100003 + self.index * 1009 + epoch + self.rank * 7919
-        order = np.random.default_rng(seed).permutation(len(self.train))
         pipeline = transforms(self.augmentation, self.fields, config.data.size, seed)
         sums: dict[str, list[float]] = {}
-        for b in range(self.batches):
-            idx = np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])
-            batch = augment(self.train.batch(idx, self.fields, self.device), pipeline)
+        for batch in self.share.epoch(seed, self.fields):
+            batch = augment(batch, pipeline)
             for update in self.phase.updates:
                 if position["step"] % update.every:
                     continue
@@ -241,7 +219,17 @@ class PhaseRun:
                     acc[0] += v
                     acc[1] += 1
             position["step"] += 1
+            self.clock.setdefault("first_step", time.time() - self.clock["started"])
         return {k: total / n for k, (total, n) in sums.items()}
+
+    def footprint(self) -> dict:
+        """The largest peak resident memory of any worker (MB) and, in the first epoch after the
+        workers start, the longest any took from starting to its first step (s)."""
+        first = "reported" not in self.clock
+        mine = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, self.clock["first_step"] if first else 0]
+        peak, startup = all_reduce(torch.tensor(mine, dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+        self.clock["reported"] = True
+        return {"memory/peak_rss_mb": peak, **({"startup_s": startup} if first else {})}
 
     def step(self, update, batch, step: int) -> dict:
         """One optimizer step: only this optimizer's modules take gradients."""
@@ -329,14 +317,6 @@ def scheduler(opt: torch.optim.Optimizer, schedule: Schedule, epochs: int):
         return torch.optim.lr_scheduler.StepLR(opt, step_size=schedule.step_size, gamma=schedule.gamma)
     decay = max(epochs - schedule.hold, 1)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 - max(0, e - schedule.hold) / decay)
-
-
-def common_batches(n: int, batch_size: int, device) -> int:
-    """Batches per epoch that every worker can supply (the smallest share decides)."""
-    mine = all_reduce(torch.tensor([n // batch_size if n >= batch_size else min(n, 1)]), dist.ReduceOp.MIN)
-    if int(mine.item()) == 0:
-        raise DataError("a worker has no training slices in its share; use fewer workers")
-    return int(mine.item())
 
 
 def parameter_spread(method: Method) -> float:

@@ -15,10 +15,12 @@ from ray.train.torch import TorchTrainer
 from raymed.console import start_ray, train_logging
 from raymed.data.discovery import discover
 from raymed.data.io import exists, join, read_bytes, write_bytes_atomic
+from raymed.data.prepared import PreparedDataset
 from raymed.data.slices import load_slices
 from raymed.data.splits import assign_splits, select
 from raymed.engine.checkpoint import init_from, resolve
-from raymed.engine.loop import phase_subjects, train_loop
+from raymed.engine.feed import phase_subjects, streams
+from raymed.engine.loop import train_loop
 from raymed.engine.progress import ProgressCallback, follow
 from raymed.engine.storage import ray_storage, storage_uri
 from raymed.errors import ConfigError, DataError
@@ -56,12 +58,13 @@ def absolute(uri: str) -> str:
     return uri if "://" in str(uri) else os.path.abspath(uri)
 
 
-def preflight(request: TrainRequest) -> int:
+def preflight(request: TrainRequest) -> tuple[int, list]:
     """Fail fast on the driver: data found, modalities pinned, a train split with healthy slices,
     enough subjects (labelled ones too), `init_from` readable.
 
     Pins `config.data.modalities` (the first subject's, sorted, unless given) so the run, its
-    checkpoints and the endpoint agree on which channel is which; returns the channel count.
+    checkpoints and the endpoint agree on which channel is which (a prepared dataset's recorded
+    ones, whose settings the run must share); returns the channel count and the cases.
     Stops reading at the first train subject that has healthy slices.
     """
     config = request.config
@@ -70,6 +73,8 @@ def preflight(request: TrainRequest) -> int:
         raise ConfigError(f"{request.method} has nothing to train: evaluate it directly "
                           f"(raymed evaluate {request.method})")
     cases = assign_splits(discover(request.source, request.pattern), seed=config.data.split_seed)
+    if cases[0].prepared:
+        PreparedDataset.open(cases[0].prepared).adopt(config.data)
     if not config.data.modalities:
         config.data.modalities = sorted(cases[0].images)
     train = select(cases, "train")
@@ -86,7 +91,7 @@ def preflight(request: TrainRequest) -> int:
         slices = load_slices([case], config.data, healthy_only=True, min_brain=config.data.min_brain,
                              skip_bad=config.data.skip_bad)
         if len(slices):
-            return channels
+            return channels, cases
     raise DataError(f"{request.source}: no healthy training slices in {len(train)} train subjects "
                     "(every brain slice has lesion voxels, or no slice has enough brain)")
 
@@ -96,8 +101,9 @@ def run_exists(run_uri: str) -> bool:
 
 
 def build_trainer(request: TrainRequest) -> TorchTrainer:
-    """Check the request and build its `TorchTrainer` (also used per trial by Ray Tune)."""
-    in_channels = preflight(request)
+    """Check the request and build its `TorchTrainer` (also used per trial by Ray Tune); from a
+    prepared dataset, with one Ray Dataset per phase for the workers to stream."""
+    in_channels, cases = preflight(request)
     if run_exists(request.run_uri) and not request.resume:
         raise ConfigError(f"run {request.run_uri} already exists: pass --resume to continue it or choose another --name")
     if request.resume and not run_exists(request.run_uri):
@@ -110,13 +116,19 @@ def build_trainer(request: TrainRequest) -> TorchTrainer:
         {"method": request.method, "source": request.source, "pattern": request.pattern,
          "config": request.config.model_dump(mode="json")}, sort_keys=False).encode())
     storage_path, storage_fs = ray_storage(request.storage)
+    datasets, rows = {}, {}
+    if cases[0].prepared:
+        start_ray()
+        phases = method_class(request.method)(request.config, in_channels).phases()
+        datasets, rows = streams(request.source, cases, phases, request.config, request.workers)
     use_gpu = request.gpus_per_worker > 0
     resources = {"CPU": request.cpus_per_worker, **({"GPU": request.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
         train_loop,
         train_loop_config={"method": request.method, "config": request.config.model_dump(mode="json"),
                            "source": request.source, "pattern": request.pattern, "in_channels": in_channels,
-                           "cpus_per_worker": request.cpus_per_worker},
+                           "cpus_per_worker": request.cpus_per_worker, "streams": rows},
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=request.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=request.name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -134,16 +146,17 @@ def train(request: TrainRequest):
     """Run training; returns the Ray `Result` after writing `RUN/result.json`."""
     trainer = build_trainer(request)
     start_ray()
-    warn_if_short(request)
+    warn_if_short(request, streaming=bool(trainer.datasets))
     with follow(request.run_uri, out=lambda line: print(line, flush=True)):
         result = trainer.fit()
     record_result(request, result)
     return result
 
 
-def warn_if_short(request: TrainRequest) -> None:
+def warn_if_short(request: TrainRequest, streaming: bool) -> None:
     """Ray Train waits for its workers' resources: say so when the cluster has fewer right now
-    (an autoscaling cluster adds nodes; a fixed one waits for ever)."""
+    (an autoscaling cluster adds nodes; a fixed one waits for ever), or when it has none left for
+    the Ray Data tasks that stream a prepared dataset."""
     import ray
 
     have = ray.cluster_resources()
@@ -153,6 +166,10 @@ def warn_if_short(request: TrainRequest) -> None:
     if short:
         print(f"warning: {request.workers} workers need {' and '.join(short)}: waiting for the cluster to grow",
               flush=True)
+    elif streaming and have.get("CPU", 0) - needs["CPU"] < 1:
+        print(f"warning: the workers take {needs['CPU']:g} of the cluster's {have.get('CPU', 0):g} CPUs, and streaming "
+              "a prepared dataset needs one more for its Ray Data tasks: training waits for a CPU to come free "
+              "(lower --cpus-per-worker or add a node)", flush=True)
 
 
 def record_result(request: TrainRequest, result) -> dict:

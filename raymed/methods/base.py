@@ -47,6 +47,8 @@ class TrainSettings(Strict):
     max_val_subjects: int | None = Field(None, ge=1, description="validate on at most this many val subjects "
                                                                   "(spread over the split); None: all")
     augment: Augmentation = Field(default_factory=Augmentation, description="random augmentation of training batches")
+    shuffle_buffer: int = Field(512, ge=0, description="prepared datasets: slices a worker holds to shuffle its "
+                                                       "stream each epoch (0: the shards' order)")
     init_from: str | None = Field(None, description="start from this run's or checkpoint's weights")
     init_strict: bool = Field(True, description="init_from must fill every module exactly; false loads the "
                                                 "tensors whose name and shape match (a new head stays fresh)")

@@ -90,15 +90,20 @@ def build_config(name: str, base: dict | None = None, overrides: dict[str, Any] 
     tree = merged(cls.Config().model_dump(mode="json"), base or {})
     for key, value in (overrides or {}).items():
         set_dotted(tree, key, value)
+    return validated(cls.Config, tree, f"invalid {name} config")
+
+
+def validated(model: type[BaseModel], tree: dict, what: str, prefix: str = ""):
+    """`model` from a tree of keys; a ConfigError naming every offending (dotted) key."""
     try:
-        return cls.Config.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "config"
-            what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            problems.append(f"{where}: {what}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
-        raise ConfigError(f"invalid {name} config: " + "; ".join(problems)) from None
+            where = prefix + (".".join(str(p) for p in e["loc"]) or "config")
+            why = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"{where}: {why}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+        raise ConfigError(f"{what}: " + "; ".join(problems)) from None
 
 
 def config_keys(config_cls: type[MethodConfig], prefix: str = "") -> set[str]:
