@@ -151,6 +151,16 @@ def tiny_config(method: str, **overrides):
     return build_config(method, overrides={**TINY, **TINY_NETS[method], **overrides})
 
 
+@pytest.fixture(scope="session")
+def prepared_demo(ray_session, demo_cohort, tmp_path_factory):
+    """The demo cohort prepared once (`raymed data prepare`) at the tiny config's data settings."""
+    from raymed.data.prepared import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / "demo"
+    prepare_dataset(str(demo_cohort), str(out), tiny_config("ae").data, report=lambda line: None)
+    return out
+
+
 _RUNS: dict = {}
 
 

@@ -2,6 +2,7 @@
 `prepare` made them, the recorded settings enforced, bad cases, reruns, and training that streams
 them from S3 (moto) into two Ray Train workers, one of which is killed."""
 
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import pytest
 
 from raymed.cli import main
 from raymed.data.discovery import discover
+from raymed.data.io import read_volume
 from raymed.data.prepared import MANIFEST, PreparedDataset, prepare_dataset
 from raymed.data.preprocess import prepare, to_source_grid
 from raymed.data.slices import load_slices
@@ -42,6 +44,9 @@ def test_volumes_read_back_are_what_prepare_made(prepared_brats, brats_folder):
             np.testing.assert_array_equal(getattr(read, name), getattr(made, name), err_msg=name)
         assert read.source.array.shape == made.source.array.shape
         np.testing.assert_array_equal(to_source_grid(read.mask, read), to_source_grid(made.mask, made))
+    # one of the prepared modalities: its channel, as if prepared alone (these cases have mask files)
+    t1 = DataSettings(size=16, split_seed=1, modalities=["t1"])
+    np.testing.assert_array_equal(prepare(cases[0], t1).image, prepare(raw[cases[0].subject], t1).image)
     # a phase's slices: the same by subject, healthy filter and min_brain as from the files
     dataset = PreparedDataset.open(str(prepared_brats))
     for min_brain in (0.05, 0.3):
@@ -53,7 +58,8 @@ def test_volumes_read_back_are_what_prepare_made(prepared_brats, brats_folder):
 def test_a_run_with_other_preprocessing_is_refused_naming_the_key(prepared_brats, tmp_path):
     for key, value, message in (("data.size", 32, "data.size=16, this run has data.size=32"),
                                 ("data.upper_percentile", 95.0, "data.upper_percentile=99.0"),
-                                ("data.split_seed", 0, "data.split_seed=1")):
+                                ("data.split_seed", 0, "data.split_seed=1"),
+                                ("data.modalities", ["t1", "t2"], r'data.modalities=\["flair", "t1"\]')):
         request = TrainRequest(method="ae", source=str(prepared_brats), name="refused", storage=str(tmp_path),
                                config=tiny_config("ae", **{"data.size": 16, "data.split_seed": 1, key: value}))
         with pytest.raises(ConfigError, match=message):
@@ -113,3 +119,11 @@ def test_training_streams_a_prepared_dataset_from_s3_and_survives_a_killed_worke
     assert log[-1]["train/loss"] < log[0]["train/loss"]
     assert log[-1]["train/loss"] == pytest.approx(reference[-1]["train/loss"], rel=0.15)
     assert log[-1]["val/auprc"] == pytest.approx(reference[-1]["val/auprc"], abs=0.05)
+    # evaluation reads the test volumes back from S3's records; maps land on the original files' grid
+    report = tmp_path / "report"
+    assert main(["evaluate", str(run), "--data", prefix, "--out", str(report)]) == 0
+    subject = next(c.subject for c in discover(prefix) if c.split == "test")
+    written = read_volume(str(report / "maps" / f"{subject}_anomaly.nii.gz"))
+    original = read_volume(str(demo_cohort / subject / f"{subject}_t2.nii.gz"))
+    assert written.array.shape == original.array.shape and np.allclose(written.affine, original.affine)
+    assert json.loads((report / "metrics.json").read_text())["results"]["ae"]["pixel"]["auprc"] > 0

@@ -78,10 +78,10 @@ def tune_args(demo_cohort, tmp_path, name, space, *extra):
     return args + [f"--set={k}={v}" for k, v in {**TINY, **TINY_NETS["ae"]}.items()]
 
 
-def test_asha_stops_a_trial_that_falls_behind(ray_session, demo_cohort, tmp_path, capsys):
+def test_asha_stops_a_trial_that_falls_behind(prepared_demo, tmp_path, capsys):
     # the second trial's learning rate is far too small: its first epoch's loss is worse than the
-    # first trial's at ASHA's first rung, so it is stopped there
-    args = tune_args(demo_cohort, tmp_path, "asha", "lr: {grid: [3.0e-3, 1.0e-6]}\n", "--trials", "2",
+    # first trial's at ASHA's first rung, so it is stopped there; the trials stream a prepared dataset
+    args = tune_args(prepared_demo, tmp_path, "asha", "lr: {grid: [3.0e-3, 1.0e-6]}\n", "--trials", "2",
                      "--metric", "train/loss", "--mode", "min", "--set", "epochs=3")
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -14,7 +14,8 @@ A prepared dataset `PREFIX` (a local folder or an s3:// prefix) holds:
 Every slice is kept: `data.min_brain` and the healthy-only filter apply when a phase reads, with
 the arithmetic of `raymed.data.slices.axial_slices`, and a volume read back is the array
 `prepare` made. The recorded settings are the preprocessing keys and `split_seed`; a run whose
-config differs in any of them is refused, naming the key.
+config differs in any of them is refused, naming the key; a run may take some of the prepared
+modalities (their channels are picked from the records; the brain mask stays the prepared one).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def check_settings(recorded: dict, data, where: str) -> None:
     """Refuse a config whose preprocessing differs from what `where` was prepared with."""
     current = recorded_settings(data)
     for key, value in recorded.items():
-        if key not in current or (key == "modalities" and current[key] is None):
-            continue
+        if key not in current or (key == "modalities" and set(current[key] or ()) <= set(value)):
+            continue  # a run may take any of the prepared modalities, in any order
         if current[key] != value:
             raise ConfigError(f"{where} was prepared with data.{key}={json.dumps(value)}, this run has "
                               f"data.{key}={json.dumps(current[key])}: run with the recorded value or prepare "
@@ -231,11 +232,15 @@ class PreparedDataset:
         arrays = {name: self.stack(table, name) for name in ("image", "mask", "label", *(("tissue",) if tissue else ()))}
         source = record["source"]
         return Prepared(
-            subject=subject, image=arrays["image"], label=arrays["label"] if record["label"] else None,
+            subject=subject, image=arrays["image"][self.channels(data.modalities)], label=arrays["label"] if record["label"] else None,
             mask=arrays["mask"], affine=np.asarray(record["affine"]), split=record["split"], tissue=arrays.get("tissue"),
             # the source grid is all that maps go back onto: its shape and affine, no voxels
             source=Volume(np.broadcast_to(np.float32(0), tuple(source["shape"])), np.asarray(source["affine"])),
         )
+
+    def channels(self, modalities: list[str] | None) -> list[int]:
+        """Where a run's modalities (all prepared ones when unset) sit among the prepared channels."""
+        return [self.modalities.index(m) for m in modalities or self.modalities]
 
     def stack(self, table: pa.Table, name: str) -> np.ndarray:
         """A binary column of slices → the volume (…, Z)."""

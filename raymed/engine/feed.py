@@ -113,19 +113,22 @@ class MemoryShare:
 
 class StreamShare:
     """A share streamed from a prepared dataset: `rows` slices each epoch (every worker's split is
-    equal), in batches shuffled through a local buffer of `shuffle_buffer` slices."""
+    equal), in batches shuffled through a local buffer of `shuffle_buffer` slices; `channels` picks
+    the run's modalities from the prepared image."""
 
-    def __init__(self, name: str, rows: int, batch_size: int, shuffle_buffer: int, shapes: dict, device):
+    def __init__(self, name: str, rows: int, batch_size: int, shuffle_buffer: int, prepared: PreparedDataset,
+                 channels: list[int], device):
         import ray.train
 
         self.shard = ray.train.get_dataset_shard(name)
-        self.batch_size, self.shuffle_buffer, self.shapes, self.device = batch_size, shuffle_buffer, shapes, device
+        self.batch_size, self.shuffle_buffer, self.device = batch_size, shuffle_buffer, device
+        self.shapes, self.channels = prepared.manifest["shapes"], channels
         self.drop_last = rows >= batch_size  # as in memory: whole batches, or one short batch
         self.batches = rows // batch_size if self.drop_last else 1
 
     def epoch(self, seed: int, fields: tuple[str, ...]):
         batches = self.shard.iter_torch_batches(
-            batch_size=self.batch_size, collate_fn=ToBatch(fields, self.shapes), drop_last=self.drop_last,
+            batch_size=self.batch_size, collate_fn=ToBatch(fields, self.shapes, self.channels), drop_last=self.drop_last,
             prefetch_batches=PREFETCH, local_shuffle_buffer_size=self.shuffle_buffer or None,
             local_shuffle_seed=seed if self.shuffle_buffer else None)
         count = 0
@@ -138,10 +141,10 @@ class StreamShare:
 
 class ToBatch(NumpyBatchCollateFn):
     """Slice records (a NumPy batch from Ray Data) → the batch a method sees (`Batch`), with the
-    dtypes of `SliceSet.batch`."""
+    dtypes of `SliceSet.batch` and the image's `channels`."""
 
-    def __init__(self, fields: tuple[str, ...], shapes: dict):
-        self.fields, self.shapes = fields, shapes
+    def __init__(self, fields: tuple[str, ...], shapes: dict, channels: list[int]):
+        self.fields, self.shapes, self.channels = fields, shapes, channels
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict:
         out = {}
@@ -151,7 +154,7 @@ class ToBatch(NumpyBatchCollateFn):
                 out[name] = [str(s) for s in column]
             elif name in ARRAYS:
                 array = np.frombuffer(b"".join(column), ARRAYS[name]).reshape(len(column), *self.shapes[name])
-                out[name] = torch.from_numpy(array.copy())
+                out[name] = torch.from_numpy(array[:, self.channels] if name == "image" else array.copy())
             else:
                 out[name] = torch.from_numpy(np.asarray(column, np.float32 if name == "position" else np.int64))
         return out

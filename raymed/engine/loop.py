@@ -65,14 +65,15 @@ def train_loop(job: dict) -> None:
     val_cases = validation_subjects(select(cases, "val"), config.train.max_val_subjects)[rank::world]
     validation = Validation(method, val_cases, config)
     streams = {int(k): v for k, v in (job.get("streams") or {}).items()}
-    shapes = PreparedDataset.open(job["source"]).manifest["shapes"] if streams else None
+    prepared = PreparedDataset.open(job["source"]) if streams else None
     clock = {"started": started}
     for index in range(position["phase"], len(phases)):
         mid_phase = state is not None and index == saved["phase"] and saved["epoch"] > 0
         data = phases[index].data
         batch_size = data.batch_size or config.train.batch_size
         if streams:
-            share = StreamShare(f"phase{index}", streams[index], batch_size, config.train.shuffle_buffer, shapes, device)
+            share = StreamShare(f"phase{index}", streams[index], batch_size, config.train.shuffle_buffer, prepared,
+                                prepared.channels(config.data.modalities), device)
         else:
             share = MemoryShare(load_share(cases, data, config, rank, world), batch_size, device)
         PhaseRun(method, phases, index, share, validation, device, rank, world, clock).run(
