@@ -54,12 +54,13 @@ def is_prepared(source: str) -> bool:
     return not source.lower().endswith((".csv", ".json")) and exists(join(source, MANIFEST))
 
 
-def check_settings(recorded: dict, data, where: str) -> None:
-    """Refuse a config whose preprocessing differs from what `where` was prepared with."""
+def check_settings(recorded: dict, data, where: str, exact: bool = False) -> None:
+    """Refuse a config whose preprocessing differs from what `where` was prepared with; unless
+    `exact`, some of the prepared modalities (or none given) are no difference."""
     current = recorded_settings(data)
     for key, value in recorded.items():
-        if key not in current or (key == "modalities" and set(current[key] or ()) <= set(value)):
-            continue  # a run may take any of the prepared modalities, in any order
+        if key not in current or (not exact and key == "modalities" and set(current[key] or ()) <= set(value)):
+            continue
         if current[key] != value:
             raise ConfigError(f"{where} was prepared with data.{key}={json.dumps(value)}, this run has "
                               f"data.{key}={json.dumps(current[key])}: run with the recorded value or prepare "
@@ -149,7 +150,7 @@ def prepare_dataset(source: str, out: str, data, pattern: str | None = None, rep
     started = {"source": source, "settings": settings, "tissue": tissue}
     if exists(join(out, STARTED)):
         before = json.loads(read_bytes(join(out, STARTED)))
-        check_settings(before["settings"], data, f"{out} (an unfinished prepare)")
+        check_settings(before["settings"], data, f"{out} (an unfinished prepare)", exact=True)
         if before["tissue"] != tissue:
             raise ConfigError(f"{out}: an unfinished prepare {'had' if before['tissue'] else 'had no'} tissue maps; "
                               "this one differs: use another --out")

@@ -1,8 +1,8 @@
 """The per-worker training function run by Ray Train: one loop for every method and phase.
 
-Each phase loads its own data (its split, healthy or all slices, k labelled subjects), sharded
-by subject over the workers, or by slice when there are fewer subjects than workers; every
-worker takes the same number of steps per epoch, so DDP's collectives line up. The method's
+Each phase trains on its own data (its split, healthy or all slices, k labelled subjects): each
+worker's share, read into memory or streamed from a prepared dataset (`raymed.engine.feed`);
+every worker takes the same number of steps per epoch, so DDP's collectives line up. The method's
 modules stay bare: each optimizer's modules sit inside one DDP wrapper whose forward runs the
 update's loss, so their gradients are all-reduced however the method calls them. Validation is
 sharded over the workers; early stopping is decided on rank 0 and broadcast; rank 0 writes
