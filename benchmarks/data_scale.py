@@ -31,7 +31,7 @@ from raymed.methods.registry import build_config
 def run(source: str, storage: Path, name: str, config, workers: int) -> dict:
     """Train once; the footprint the engine reports (largest over workers) and throughput."""
     train(TrainRequest(method="ae", source=source, config=config.model_copy(deep=True), name=name,
-                       storage=str(storage), workers=workers, cpus_per_worker=0.5, keep_checkpoints=1))
+                       storage=str(storage), workers=workers, keep_checkpoints=1))
     log = [json.loads(line) for line in open(storage / name / "metrics.jsonl")]
     return {"peak_rss_mb": max(r["memory/peak_rss_mb"] for r in log), "startup_s": log[0]["startup_s"],
             "slices_per_s": statistics.median(r["slices_per_s"] for r in log[1:] or log)}

@@ -98,7 +98,7 @@ def test_training_streams_a_prepared_dataset_from_s3_and_survives_a_killed_worke
     prefix = f"{s3_bucket}/prepared/demo"
     prepare_dataset(str(demo_cohort), prefix, config.data.model_copy())
     request = TrainRequest(method="ae", source=prefix, storage=str(tmp_path), name="streamed", config=config,
-                           workers=2, cpus_per_worker=0.5, max_failures=1)
+                           workers=2, max_failures=1)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=train(request)))
     thread.start()

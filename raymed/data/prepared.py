@@ -40,6 +40,7 @@ from raymed.errors import ConfigError, DataError
 MANIFEST, STARTED, SHARDS = "prepared.json", "prepare.json", "slices"
 FORMAT = 1
 RECORD_KEY = b"raymed.case"
+READERS = 4  # shard-reading tasks a streamed phase runs at a time
 ARRAYS = {"image": np.float32, "mask": np.bool_, "label": np.uint8, "tissue": np.float32}
 
 
@@ -267,7 +268,13 @@ class PreparedDataset:
 
     def stream(self, rows: dict[str, list[int]], fields: tuple[str, ...]):
         """A Ray Dataset of exactly these rows (subject → slice indices), reading only `fields`:
-        one task per shard, the shards in a new order each epoch, streamed without a barrier."""
+        one task per shard, the shards in a new order each epoch, streamed without a barrier.
+
+        The read tasks reserve no CPU and run at most `READERS` at a time: they decompress shards
+        in the gaps between training steps, and a cluster whose CPUs the workers hold (Train and
+        Tune trials reserve them) would otherwise never schedule them and training would wait
+        for ever.
+        """
         import ray.data
 
         columns = ["subject", "slice", *[f for f in fields if f not in ("subject", "slice")]]
@@ -275,18 +282,14 @@ class PreparedDataset:
             raise DataError(f"{self.prefix} was prepared without tissue maps")
         shards = [{"uri": shard_uri(self.prefix, s), "slices": rows[s]} for s in sorted(rows)]
         return (ray.data.from_items(shards, override_num_blocks=len(shards)).randomize_block_order()
-                .map_batches(ReadShards(columns), batch_size=1, batch_format="numpy"))
+                .map_batches(read_shards, fn_kwargs={"columns": columns}, batch_size=1, batch_format="numpy",
+                             num_cpus=0, concurrency=READERS))
 
 
-class ReadShards:
+def read_shards(shards: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
     """Ray Data task: shards → the rows of theirs a phase selected, with only its columns."""
-
-    def __init__(self, columns: list[str]):
-        self.columns = columns
-
-    def __call__(self, shards: dict[str, np.ndarray]) -> pa.Table:
-        tables = []
-        for uri, slices in zip(shards["uri"], shards["slices"]):
-            table = pq.read_table(io.BytesIO(read_bytes(str(uri))), columns=self.columns)
-            tables.append(table.filter(pa.array(np.isin(table.column("slice").to_numpy(), slices))))
-        return pa.concat_tables(tables)
+    tables = []
+    for uri, slices in zip(shards["uri"], shards["slices"]):
+        table = pq.read_table(io.BytesIO(read_bytes(str(uri))), columns=columns)
+        tables.append(table.filter(pa.array(np.isin(table.column("slice").to_numpy(), slices))))
+    return pa.concat_tables(tables)

@@ -146,17 +146,16 @@ def train(request: TrainRequest):
     """Run training; returns the Ray `Result` after writing `RUN/result.json`."""
     trainer = build_trainer(request)
     start_ray()
-    warn_if_short(request, streaming=bool(trainer.datasets))
+    warn_if_short(request)
     with follow(request.run_uri, out=lambda line: print(line, flush=True)):
         result = trainer.fit()
     record_result(request, result)
     return result
 
 
-def warn_if_short(request: TrainRequest, streaming: bool) -> None:
+def warn_if_short(request: TrainRequest) -> None:
     """Ray Train waits for its workers' resources: say so when the cluster has fewer right now
-    (an autoscaling cluster adds nodes; a fixed one waits for ever), or when it has none left for
-    the Ray Data tasks that stream a prepared dataset."""
+    (an autoscaling cluster adds nodes; a fixed one waits for ever)."""
     import ray
 
     have = ray.cluster_resources()
@@ -166,10 +165,6 @@ def warn_if_short(request: TrainRequest, streaming: bool) -> None:
     if short:
         print(f"warning: {request.workers} workers need {' and '.join(short)}: waiting for the cluster to grow",
               flush=True)
-    elif streaming and have.get("CPU", 0) - needs["CPU"] < 1:
-        print(f"warning: the workers take {needs['CPU']:g} of the cluster's {have.get('CPU', 0):g} CPUs, and streaming "
-              "a prepared dataset needs one more for its Ray Data tasks: training waits for a CPU to come free "
-              "(lower --cpus-per-worker or add a node)", flush=True)
 
 
 def record_result(request: TrainRequest, result) -> dict:
