@@ -229,13 +229,15 @@ class PreparedDataset:
         if tissue and not self.manifest["tissue"]:
             raise DataError(f"{self.prefix} was prepared without tissue maps: prepare it from cases with "
                             f"*_{{{','.join(TISSUES)}}} maps or with data.tissue_labels=gmm")
-        record = self.records[subject]
-        table = pq.read_table(io.BytesIO(read_bytes(shard_uri(self.prefix, subject)))).sort_by("slice")
-        arrays = {name: self.stack(table, name) for name in ("image", "mask", "label", *(("tissue",) if tissue else ()))}
+        record, names = self.records[subject], ["image", "mask", "label", *(["tissue"] if tissue else [])]
+        shard = pq.read_table(io.BytesIO(read_bytes(shard_uri(self.prefix, subject))), columns=["slice", *names])
+        shard = shard.sort_by("slice")
+        arrays = {name: self.stack(shard, name) for name in names}
         source = record["source"]
         return Prepared(
-            subject=subject, image=arrays["image"][self.channels(data.modalities)], label=arrays["label"] if record["label"] else None,
-            mask=arrays["mask"], affine=np.asarray(record["affine"]), split=record["split"], tissue=arrays.get("tissue"),
+            subject=subject, image=arrays["image"][self.channels(data.modalities)],
+            label=arrays["label"] if record["label"] else None, mask=arrays["mask"], affine=np.asarray(record["affine"]),
+            split=record["split"], tissue=arrays.get("tissue"),
             # the source grid is all that maps go back onto: its shape and affine, no voxels
             source=Volume(np.broadcast_to(np.float32(0), tuple(source["shape"])), np.asarray(source["affine"])),
         )
