@@ -41,8 +41,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_help_for_every_subcommand(capsys):
     out = subprocess.run([sys.executable, "-m", "raymed.cli", "--help"], capture_output=True, text=True, check=True).stdout
     assert "data" in out and "active" in out  # the installed entry point lists every area
-    for args in (["data", "demo", "--help"], ["data", "inspect", "--help"], ["active", "rank", "--help"],
-                 ["active", "simulate", "--help"]):
+    for args in (["data", "demo", "--help"], ["data", "inspect", "--help"], ["data", "prepare", "--help"],
+                 ["active", "rank", "--help"], ["active", "simulate", "--help"]):
         with pytest.raises(SystemExit) as exit_code:
             main(args)
         assert exit_code.value.code == 0 and f"usage: raymed {' '.join(args[:2])}" in capsys.readouterr().out
