@@ -16,7 +16,7 @@ from raymed.data.io import write_volume
 
 # Ray Train's controller collects each report on its health-check poll (every 2 s by default) and a
 # worker blocks on its next report until then: seconds per epoch that tiny test runs would spend idle.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
 
 AFFINE = np.array([[2.0, 0, 0, -30], [0, 2.0, 0, -40], [0, 0, 3.0, -20], [0, 0, 0, 1]])
 

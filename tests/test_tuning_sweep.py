@@ -32,13 +32,13 @@ def study(sweep_folder, name):
 def test_sweep_schedules_on_validation_epochs_and_its_best_config_retrains(ray_session, demo_cohort, tmp_path):
     # validation (and so val/auprc) only every 2nd epoch and at the end: epochs 2 and 3
     base = tiny_config("ae", epochs=3, **{"train.val_every": 2}).model_dump(mode="json")
-    request = SweepRequest(method="ae", source=str(demo_cohort), trials=3, name="sweep", storage=str(tmp_path),
+    request = SweepRequest(method="ae", source=str(demo_cohort), trials=2, name="sweep", storage=str(tmp_path),
                            base=base, space={"lr": {"loguniform": [3e-4, 3e-3]}, "loss": {"grid": ["l1", "l2"]}})
     outcome = run_sweep(request)
     table, folder = outcome.table, tmp_path / "sweep"
-    assert len(table) == 3 and table["trial"].is_unique and not outcome.interrupted
+    assert len(table) == 2 and table["trial"].is_unique and not outcome.interrupted
     assert set(table["status"]) <= {"completed", "stopped"}, table.to_string()
-    assert list(table["loss"][:2]) == ["l1", "l2"]  # every grid value is run first
+    assert list(table["loss"]) == ["l1", "l2"]  # every grid value is run first
     assert set(table["epochs"]) <= {2, 3} and table["val/auprc"].between(0, 1).all()
 
     # Tune saw only reports that carry the metric, each with the epoch counter ASHA schedules on

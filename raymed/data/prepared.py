@@ -25,7 +25,6 @@ import io
 import json
 import time
 from dataclasses import asdict
-from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -34,10 +33,11 @@ import pyarrow.parquet as pq
 from raymed.data.discovery import Case, discover
 from raymed.data.io import Volume, exists, filesystem, join, read_bytes, write_bytes_atomic
 from raymed.data.preprocess import TISSUES, Prepared, Preprocessing, prepare
+from raymed.data.shards import read_shard, read_shards, shard_uri
 from raymed.data.splits import assign_splits
 from raymed.errors import ConfigError, DataError
 
-MANIFEST, STARTED, SHARDS = "prepared.json", "prepare.json", "slices"
+MANIFEST, STARTED = "prepared.json", "prepare.json"
 FORMAT = 1
 RECORD_KEY = b"raymed.case"
 READERS = 4  # shard-reading tasks a streamed phase runs at a time
@@ -66,10 +66,6 @@ def check_settings(recorded: dict, data, where: str, exact: bool = False) -> Non
             raise ConfigError(f"{where} was prepared with data.{key}={json.dumps(value)}, this run has "
                               f"data.{key}={json.dumps(current[key])}: run with the recorded value or prepare "
                               "the data again with this one")
-
-
-def shard_uri(prefix: str, subject: str) -> str:
-    return join(prefix, SHARDS, quote(subject, safe="") + ".parquet")
 
 
 def shard_table(prepared: Prepared, record: dict) -> pa.Table:
@@ -230,7 +226,7 @@ class PreparedDataset:
             raise DataError(f"{self.prefix} was prepared without tissue maps: prepare it from cases with "
                             f"*_{{{','.join(TISSUES)}}} maps or with data.tissue_labels=gmm")
         record, names = self.records[subject], ["image", "mask", "label", *(["tissue"] if tissue else [])]
-        shard = pq.read_table(io.BytesIO(read_bytes(shard_uri(self.prefix, subject))), columns=["slice", *names])
+        shard = read_shard(shard_uri(self.prefix, subject), ["slice", *names])
         shard = shard.sort_by("slice")
         arrays = {name: self.stack(shard, name) for name in names}
         source = record["source"]
@@ -287,11 +283,3 @@ class PreparedDataset:
                 .map_batches(read_shards, fn_kwargs={"columns": columns}, batch_size=1, batch_format="numpy",
                              num_cpus=0, concurrency=READERS))
 
-
-def read_shards(shards: dict[str, np.ndarray], columns: list[str]) -> pa.Table:
-    """Ray Data task: shards → the rows of theirs a phase selected, with only its columns."""
-    tables = []
-    for uri, slices in zip(shards["uri"], shards["slices"]):
-        table = pq.read_table(io.BytesIO(read_bytes(str(uri))), columns=columns)
-        tables.append(table.filter(pa.array(np.isin(table.column("slice").to_numpy(), slices))))
-    return pa.concat_tables(tables)

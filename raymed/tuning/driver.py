@@ -21,10 +21,13 @@ TIME_ATTR = "epochs_done"
 
 
 class MetricReportCallback(TuneReportCallback):
-    """Forwards to Tune only the reports that carry the sweep's metric.
+    """Forwards to Tune the reports that carry the sweep's metric, except the run's last epoch.
 
     Validation metrics exist only on validation epochs (every `train.val_every` epochs, and not
     in phases without a meaningful anomaly map); OptunaSearch needs the metric in every result.
+    The last epoch's report is handed over by `run_trial` itself once the run has ended: passed
+    through this callback's queue it was sometimes lost when the run ended right after it, and
+    Tune and Optuna kept the epoch before as the trial's final result.
     """
 
     def __init__(self, metric: str):
@@ -32,8 +35,12 @@ class MetricReportCallback(TuneReportCallback):
         self.metric = metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        if metrics and self.metric in metrics[0]:
+        if metrics and self.metric in metrics[0] and not last_epoch(metrics[0]):
             super().after_report(run_context, metrics, checkpoint)
+
+
+def last_epoch(report: dict) -> bool:
+    return report.get("epochs_left") == 0
 
 
 def trial_request(params: dict, job: dict, trial_id: str, callbacks: tuple = ()) -> TrainRequest:
@@ -51,7 +58,8 @@ def run_trial(params: dict, job: dict) -> None:
     """Tune function trainable: train, record the run's result, insist the metric was reported.
 
     A trial whose Train run had already finished when the sweep was interrupted is not trained
-    again: its last result is handed to Tune once more.
+    again: its last result is handed to Tune once more. A run that trained all its epochs hands
+    over its last report here (see `MetricReportCallback`).
     """
     request = trial_request(params, job, tune.get_context().get_trial_id(),
                             callbacks=(MetricReportCallback(job["metric"]),))
@@ -65,5 +73,5 @@ def run_trial(params: dict, job: dict) -> None:
         seen = sorted({k for r in reports for k in r if "/" in k})
         raise ConfigError(f"metric {job['metric']!r} was never reported by {request.run_uri} "
                           f"(reported: {', '.join(seen) or 'nothing'}; val/* metrics need lesions in the validation split)")
-    if finished:
+    if finished or last_epoch(scored[-1]):
         tune.report({**scored[-1], "checkpoint_path": scored[-1].get("checkpoint")})
