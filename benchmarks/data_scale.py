@@ -8,7 +8,13 @@ loaded training worker, the time from a worker starting to its first step, and t
 (median over the epochs after the first), with prepared ÷ in-memory ratios, and each path's peak
 memory at the largest cohort over the smallest.
 
+Ray keeps about as many idle worker processes as it has logical CPUs. On a node with few, the
+processes of the shard-reading tasks end between epochs and are started again in the next, and
+on 2 cores that start-up takes CPU from training; `--ray-cpus` above the core count shows the
+throughput of a node where they stay.
+
 Usage: python benchmarks/data_scale.py [--subjects 16 64 256] [--size 64] [--epochs 3] [--workers 2]
+       [--modalities flair t1 t2] [--ray-cpus N]
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ def run(source: str, storage: Path, name: str, config, workers: int) -> dict:
     train(TrainRequest(method="ae", source=source, config=config.model_copy(deep=True), name=name,
                        storage=str(storage), workers=workers, keep_checkpoints=1))
     log = [json.loads(line) for line in open(storage / name / "metrics.jsonl")]
-    return {"peak_rss_mb": max(r["memory/peak_rss_mb"] for r in log), "startup_s": log[0]["startup_s"],
+    return {"peak_rss_mb": max(r["memory/peak_rss_mb"] for r in log),
+            "private_mb": max(r["memory/private_mb"] for r in log), "startup_s": log[0]["startup_s"],
             "slices_per_s": statistics.median(r["slices_per_s"] for r in log[1:] or log)}
 
 
@@ -44,12 +51,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--modalities", nargs="+", default=["flair", "t1", "t2"])
+    parser.add_argument("--ray-cpus", type=int, help="logical CPUs of the local Ray (default: --workers, at least 2)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="raymed-data-scale-"))
-    ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.ray_cpus or max(2, args.workers), include_dashboard=False, log_to_driver=False)
     config = build_config("ae", overrides={
-        "data.size": args.size, "data.modalities": ["t2"], "epochs": args.epochs,
+        "data.size": args.size, "data.modalities": args.modalities, "epochs": args.epochs,
         "train.batch_size": args.batch_size, "train.val_every": args.epochs, "train.max_val_subjects": 1})
     rows = []
     for n in args.subjects:
@@ -67,18 +76,20 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     first, last = rows[0], rows[-1]
     print(json.dumps({
-        "size": args.size, "workers": args.workers, "epochs": args.epochs, "batch_size": args.batch_size,
-        f"memory_peak_rss_growth_{first['subjects']}_to_{last['subjects']}":
-            round(last["memory_peak_rss_mb"] / first["memory_peak_rss_mb"], 3),
-        f"prepared_peak_rss_growth_{first['subjects']}_to_{last['subjects']}":
-            round(last["prepared_peak_rss_mb"] / first["prepared_peak_rss_mb"], 3)}, indent=2))
-    header = ("| subjects | path | peak RSS per worker (MB) | time to first step (s) | slices/s |\n"
-              "| --- | --- | --- | --- | --- |")
+        "size": args.size, "modalities": args.modalities, "workers": args.workers, "ray_cpus": args.ray_cpus,
+        "epochs": args.epochs, "batch_size": args.batch_size,
+        **{f"{path}_{key}_growth_{first['subjects']}_to_{last['subjects']}":
+           round(last[f"{path}_{key}_mb"] / first[f"{path}_{key}_mb"], 3)
+           for path in ("memory", "prepared") for key in ("peak_rss", "private")}},
+        indent=2))
+    header = ("| subjects | path | peak RSS per worker (MB) | private memory per worker (MB) | time to first step (s) "
+              "| slices/s |\n| --- | --- | --- | --- | --- | --- |")
     print(header)
     for row in rows:
         for path in ("memory", "prepared"):
             print(f"| {row['subjects']} | {'in memory' if path == 'memory' else 'prepared'} | "
-                  f"{row[f'{path}_peak_rss_mb']:.0f} | {row[f'{path}_startup_s']:.1f} | {row[f'{path}_slices_per_s']:.0f} |")
+                  f"{row[f'{path}_peak_rss_mb']:.0f} | {row[f'{path}_private_mb']:.0f} | {row[f'{path}_startup_s']:.1f} | "
+                  f"{row[f'{path}_slices_per_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -281,5 +281,5 @@ class PreparedDataset:
         shards = [{"uri": shard_uri(self.prefix, s), "slices": rows[s]} for s in sorted(rows)]
         return (ray.data.from_items(shards, override_num_blocks=len(shards)).randomize_block_order()
                 .map_batches(read_shards, fn_kwargs={"columns": columns}, batch_size=1, batch_format="numpy",
-                             num_cpus=0, concurrency=READERS))
+                             num_cpus=0, compute=ray.data.TaskPoolStrategy(size=READERS)))
 

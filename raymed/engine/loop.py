@@ -224,13 +224,17 @@ class PhaseRun:
         return {k: total / n for k, (total, n) in sums.items()}
 
     def footprint(self) -> dict:
-        """The largest peak resident memory of any worker (MB) and, in the first epoch after the
-        workers start, the longest any took from starting to its first step (s)."""
+        """The largest peak resident memory of any worker (MB), the largest private memory now
+        (MB, Linux: resident memory less the pages it shares, such as Ray's object store, which
+        streamed blocks pass through) and, in the first epoch after the workers start, the
+        longest any took from starting to its first step (s)."""
         first = "reported" not in self.clock
-        mine = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, self.clock["first_step"] if first else 0]
-        peak, startup = all_reduce(torch.tensor(mine, dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+        mine = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, private_mb(),
+                self.clock["first_step"] if first else 0]
+        peak, private, startup = all_reduce(torch.tensor(mine, dtype=torch.float64), dist.ReduceOp.MAX).tolist()
         self.clock["reported"] = True
-        return {"memory/peak_rss_mb": peak, **({"startup_s": startup} if first else {})}
+        return {"memory/peak_rss_mb": peak, **({"memory/private_mb": private} if private >= 0 else {}),
+                **({"startup_s": startup} if first else {})}
 
     def step(self, update, batch, step: int) -> dict:
         """One optimizer step: only this optimizer's modules take gradients."""
@@ -348,3 +352,12 @@ def autocast(device, amp: str):
     if device.type != "cuda" or amp == "off":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def private_mb() -> float:
+    """This process's anonymous resident memory (MB) from /proc; -1 where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return -1.0
