@@ -8,11 +8,6 @@ loaded training worker, the time from a worker starting to its first step, and t
 (median over the epochs after the first), with prepared ÷ in-memory ratios, and each path's peak
 memory at the largest cohort over the smallest.
 
-Ray keeps about as many idle worker processes as it has logical CPUs. On a node with few, the
-processes of the shard-reading tasks end between epochs and are started again in the next, and
-on 2 cores that start-up takes CPU from training; `--ray-cpus` above the core count shows the
-throughput of a node where they stay.
-
 Usage: python benchmarks/data_scale.py [--subjects 16 64 256] [--size 64] [--epochs 3] [--workers 2]
        [--modalities flair t1 t2] [--ray-cpus N]
 """
