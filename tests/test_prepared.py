@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -127,3 +129,9 @@ def test_training_streams_a_prepared_dataset_from_s3_and_survives_a_killed_worke
     original = read_volume(str(demo_cohort / subject / f"{subject}_t2.nii.gz"))
     assert written.array.shape == original.array.shape and np.allclose(written.affine, original.affine)
     assert json.loads((report / "metrics.json").read_text())["results"]["ae"]["pixel"]["auprc"] > 0
+
+
+def test_shard_readers_import_neither_monai_nor_torch():
+    """Each Ray Data read task runs in its own process; importing MONAI there cost seconds per process."""
+    code = "import sys, raymed.data.shards; print(sorted({'monai', 'torch'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

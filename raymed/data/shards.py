@@ -1,6 +1,6 @@
 """Reading a prepared dataset's slice shards, apart from the rest of `raymed.data.prepared` so that
-Ray Data's read tasks import only pyarrow and fsspec: a reader process that imported MONAI and
-torch as well spent seconds on it before its first shard, and training waited for it."""
+Ray Data's read tasks import neither MONAI nor torch: a reader process that imported them spent
+seconds on it before its first shard, and training waited for it."""
 
 from __future__ import annotations
 
