@@ -40,6 +40,7 @@ def test_sweep_schedules_on_validation_epochs_and_its_best_config_retrains(ray_s
     assert set(table["status"]) <= {"completed", "stopped"}, table.to_string()
     assert list(table["loss"]) == ["l1", "l2"]  # every grid value is run first
     assert set(table["epochs"]) <= {2, 3} and table["val/auprc"].between(0, 1).all()
+    assert (table["epochs"][table["status"] == "completed"] == 3).all()  # Tune got every last epoch's report
 
     # Tune saw only reports that carry the metric, each with the epoch counter ASHA schedules on
     analysis = tune.ExperimentAnalysis(str(folder))
